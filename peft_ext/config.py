@@ -1,0 +1,123 @@
+"""The part of the configs both methods share: a `LoraConfig` whose layers are peft_ext's residual-init layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Union
+
+import torch
+from peft import LoraConfig
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .layer import PEFT_EXT_INIT, PeftExtLinear, UnsupportedTarget
+
+
+__version__ = "0.1.0"
+
+
+def override_field(*, default, metadata: dict, inherit: str):
+    """A dataclass field that overrides a `LoraConfig` field: peft reads flags such as `is_lora_variant` and
+    `lora_variants` from the field metadata, so the inherited metadata is kept and only `help` is replaced."""
+    return field(default=default, metadata={**LoraConfig.__dataclass_fields__[inherit].metadata, **metadata})
+
+
+@dataclass
+class PeftExtConfig(LoraConfig):
+    """Base of `DuDeConfig` and `CorDAConfig`; not used directly.
+
+    These configs stay LoRA-typed (`peft_type=LORA`), so `get_peft_model`, TRL and `merge_and_unload` work unchanged.
+    Because peft reloads a LoRA-typed config as a plain `LoraConfig`, the saved config sets `init_lora_weights` to
+    `"peft_ext"`: plain peft then refuses to load the adapter ("Unknown initialization") instead of silently building a
+    plain LoRA over the wrong base weights. Use `peft_ext.load_adapter`, or export with
+    `peft_ext.export_peft_adapter` for a plain peft adapter.
+    """
+
+    init_lora_weights: Union[bool, str] = override_field(
+        default=PEFT_EXT_INIT,
+        metadata={
+            "help": (
+                f"Fixed to '{PEFT_EXT_INIT}': the adapter is initialised from a decomposition of the base weight. "
+                "For other initialisations use peft's LoraConfig."
+            ),
+        },
+        inherit="init_lora_weights",
+    )
+    peft_ext_method: str = field(
+        default="",
+        metadata={"help": "Which peft_ext method built this adapter ('dude' or 'corda'); set by the config class."},
+    )
+    peft_ext_version: str = field(
+        default=__version__, metadata={"help": "Version of peft_ext that created the adapter (informational)."}
+    )
+    svd_niter: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "None: exact SVD (torch.linalg.svd). An integer n >= 0: randomized SVD with n power iterations "
+                "(much faster on large matrices; 2-4 is usually enough for the top r)."
+            )
+        },
+    )
+    svd_oversample: int = field(
+        default=8,
+        metadata={"help": "Randomized SVD only: extra random directions beyond r, for accuracy of the top r."},
+    )
+    svd_seed: int = field(
+        default=0,
+        metadata={"help": "Randomized SVD only: seed of its private generator (two runs give identical adapters)."},
+    )
+
+    # the method name that the subclass stands for; `peft_ext_method` must equal it
+    _method: ClassVar[str] = ""
+
+    def __post_init__(self):
+        super().__post_init__()
+        cls_name = type(self).__name__
+        if not self.peft_ext_method:
+            self.peft_ext_method = self._method
+        if self.peft_ext_method != self._method:
+            raise ValueError(
+                f"{cls_name}: peft_ext_method={self.peft_ext_method!r}, but this config class builds "
+                f"{self._method!r} adapters. Fix: load the config with peft_ext.load_config, which picks the class."
+            )
+        if self.init_lora_weights != PEFT_EXT_INIT:
+            raise ValueError(
+                f"{cls_name}: init_lora_weights={self.init_lora_weights!r}, but {cls_name} always initialises from "
+                f"its decomposition. Fix: leave init_lora_weights unset (or use peft's LoraConfig for other inits)."
+            )
+        if self.svd_niter is not None and (not isinstance(self.svd_niter, int) or self.svd_niter < 0):
+            raise ValueError(
+                f"{cls_name}: svd_niter={self.svd_niter!r}. Fix: None for an exact SVD or an integer >= 0."
+            )
+        if self.svd_oversample < 0:
+            raise ValueError(f"{cls_name}: svd_oversample={self.svd_oversample}. Fix: an integer >= 0.")
+        for name in ("layer_replication", "target_parameters", "megatron_config", "alora_invocation_tokens"):
+            if getattr(self, name, None):
+                raise ValueError(
+                    f"{cls_name}: {name}={getattr(self, name)!r} is not supported: these methods rewrite each "
+                    f"target's base weight. Fix: unset {name}."
+                )
+        # nn.Linear and Conv1D get our layer; anything else that target_modules matches gets a clear error
+        self._register_custom_module({nn.Linear: PeftExtLinear, Conv1D: PeftExtLinear, nn.Module: UnsupportedTarget})
+
+    def compute_init_factors(
+        self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Method-specific: init factors (A0 of shape (r, in), B0 of shape (out, r), float32) for one target whose
+        base weight is `weight` (out, in, float32). The residual becomes W − scaling·B0·A0."""
+        raise TypeError(f"{type(self).__name__} does not define an initialisation; use DuDeConfig or CorDAConfig.")
+
+    @classmethod
+    def from_peft_type(cls, **kwargs):
+        """Build the peft_ext config class named by `peft_ext_method` (peft itself would build a plain LoraConfig)."""
+        from .export import config_class_for
+
+        config_cls = config_class_for(kwargs.get("peft_ext_method"), where="adapter config")
+        known = {f for f in config_cls.__dataclass_fields__ if config_cls.__dataclass_fields__[f].init}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            import warnings
+
+            warnings.warn(f"{config_cls.__name__}: ignoring unknown config keys {unknown}.")
+        return config_cls(**{k: v for k, v in kwargs.items() if k in known})

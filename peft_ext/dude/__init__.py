@@ -1,0 +1,4 @@
+from .config import DuDeConfig
+
+
+__all__ = ["DuDeConfig"]
