@@ -93,7 +93,16 @@ def load_adapter(
     """
     config = load_config(path)
     weights = load_peft_weights(path, device="cpu")
-    config.__dict__["_peft_ext_stored_init"] = _stored_init_factors(weights, path)
+    stored = _stored_init_factors(weights, path)
+    names = {name for name, _ in model.named_modules()}
+    missing = sorted(set(stored) - names)
+    if missing:
+        raise ValueError(
+            f"peft_ext.load_adapter: the adapter in '{path}' adapts layers this model does not have, e.g. "
+            f"'{missing[0]}' ({len(missing)} of {len(stored)}). Fix: load the adapter onto the base model it was "
+            f"trained from (base_model_name_or_path={config.base_model_name_or_path!r})."
+        )
+    config.__dict__["_peft_ext_stored_init"] = stored
     config.inference_mode = not is_trainable
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs

@@ -33,6 +33,7 @@ from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
 from peft.utils.other import transpose
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from .linalg import dora_row_norm, safe_norm
 
@@ -106,13 +107,22 @@ def rollback_injection(config) -> None:
     inj.close()
 
 
-def residual_weight(
+def subtract_init_product_(
     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, fan_in_fan_out: bool
-) -> torch.Tensor:
-    """W − s·B0·A0 in float32, cast back to the weight's dtype. The one place the residual is computed (init and
-    reload both call it, so a reload rebuilds the residual bit for bit)."""
-    delta = transpose(scaling * (lora_B.float() @ lora_A.float()), fan_in_fan_out)
-    return (weight.float() - delta.to(weight.device)).to(weight.dtype)
+) -> None:
+    """W ← W − s·B0·A0, in place. The one place the residual is computed: init and reload both call it, so a reload
+    rebuilds the residual bit for bit.
+
+    float32 weights: one fused in-place GEMM (`addmm_`), no out×in temporary and no reallocation of the weight.
+    Lower precisions: computed in float32 and cast back into the same storage.
+    """
+    A, B = lora_A.to(weight.device, torch.float32), lora_B.to(weight.device, torch.float32)
+    if fan_in_fan_out:  # Conv1D stores Wᵀ: Wᵀ − s·Aᵀ·Bᵀ
+        A, B = B.mT, A.mT
+    if weight.dtype == torch.float32:
+        weight.addmm_(B, A, alpha=-scaling)
+    else:
+        weight.copy_(torch.addmm(weight.float(), B, A, alpha=-scaling))
 
 
 class PeftExtMagnitude(DoraLinearLayer):
@@ -179,6 +189,14 @@ class PeftExtLinear(LoraLinear):
     rollback.
     """
 
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        # peft's default dispatcher sets fan_in_fan_out for Conv1D (weights stored (in, out)); the custom-module
+        # dispatcher that brings us here does not, so do the same here
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        is_conv1d = isinstance(base, Conv1D)
+        config.fan_in_fan_out = is_conv1d
+        super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
+
     @property
     def lora_variants(self):
         return {(): None, ("use_dora",): PeftExtDoraVariant}
@@ -242,7 +260,7 @@ class PeftExtLinear(LoraLinear):
                     f"out_features={out_features}) of layer '{name}'. Fix: lower r, or give this layer a smaller rank "
                     f"with rank_pattern={{'{name.rsplit('.', 1)[-1]}': {min(out_features, in_features)}}}."
                 )
-            if not torch.isfinite(W).all():
+            if not torch.isfinite(W.sum()):  # a NaN or Inf anywhere makes the sum non-finite; no out×in mask
                 raise ValueError(
                     f"peft_ext {method}: layer '{name}' has NaN or Inf in its base weight; it cannot be decomposed. "
                     f"Fix: check the checkpoint, or leave this layer out of target_modules."
@@ -290,9 +308,7 @@ class PeftExtLinear(LoraLinear):
                 continue
             base = self.get_base_layer()
             with gather_params_ctx(base.weight, modifier_rank=0):
-                base.weight.data = residual_weight(
-                    base.weight.data, state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out
-                )
+                subtract_init_product_(base.weight.data, state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out)
             state.pending = False
             state.magnitude = None
             config, state.config = state.config, None

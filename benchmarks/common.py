@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts: isolated worker processes, peak memory, machine description, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def allocators(requested: str) -> dict[str, dict[str, str]]:
+    """Environment overrides per malloc implementation. glibc's heap fragmentation depends on the allocation history
+    of the process (e.g. how many weights an init replaced), which moves peak RSS by ~2 GB between methods that need
+    the same memory; jemalloc (Debian: apt install libjemalloc2) does not, so benchmarks can report both."""
+    out = {}
+    for name in requested.split(","):
+        if name == "glibc":
+            out[name] = {}
+        elif name == "jemalloc" and os.path.exists(JEMALLOC):
+            out[name] = {"LD_PRELOAD": JEMALLOC}
+        elif name == "jemalloc":
+            print(f"[benchmarks] {JEMALLOC} not found (apt install libjemalloc2): skipping the jemalloc runs")
+    return out
+
+
+def run_worker(script: str, args: list[str], timeout: int = 3600, env_extra: dict | None = None) -> dict:
+    """Run `python script --worker ...` in a fresh process (clean peak-memory reading) and parse its last JSON line."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {})}
+    proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
