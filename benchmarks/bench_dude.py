@@ -39,6 +39,8 @@ from benchmarks.common import (  # noqa: E402
 INIT_METHODS = {
     "DuDe, exact SVD": "dude_exact",
     "DuDe, randomized SVD (niter=4)": "dude_rand4",
+    "DuDe, exact SVD, weights copied out of the mmap": "dude_exact@anon",
+    "DuDe, randomized SVD (niter=4), weights copied out of the mmap": "dude_rand4@anon",
     "peft PiSSA+DoRA, exact (`pissa`)": "pissa_dora",
     "peft PiSSA+DoRA, `pissa_niter_4`": "pissa4_dora",
 }
@@ -73,6 +75,10 @@ def worker(kind: str, method: str, steps: int, warmup: int, threads: int) -> dic
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(default_model_path(), dtype=torch.float32)
+    if method.endswith("@anon"):  # weights in anonymous memory instead of the safetensors file mapping
+        method = method.removesuffix("@anon")
+        for p in model.parameters():
+            p.data = p.data.clone()
     rss_loaded = current_rss_mb()
     t0 = time.perf_counter()
     model = get_peft_model(model, make_config(method))
@@ -165,6 +171,7 @@ def section(allocator: str, init_res: dict, step_res: dict) -> tuple[str, dict]:
         "DuDe step / peft DoRA step": (step_s["dude_rand4"] / step_s["dora"], 1.0),
         "DuDe step / peft LoRA step": (step_s["dude_rand4"] / step_s["lora"], 1.3),
         "DuDe randomized init / DuDe exact init": (init_s["dude_rand4"] / init_s["dude_exact"], 0.2),
+        "same, weights copied out of the mmap": (init_s["dude_rand4@anon"] / init_s["dude_exact@anon"], 0.2),
         "DuDe exact init / peft `pissa` init": (init_s["dude_exact"] / init_s["pissa_dora"], None),
         "DuDe randomized init / peft `pissa_niter_4` init": (init_s["dude_rand4"] / init_s["pissa4_dora"], None),
         "DuDe peak RSS / peft DoRA peak RSS": (peak["dude_rand4"] / peak["dora"], None),

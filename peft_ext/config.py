@@ -108,6 +108,10 @@ class PeftExtConfig(LoraConfig):
         base weight is `weight` (out, in, float32). The residual becomes W − scaling·B0·A0."""
         raise TypeError(f"{type(self).__name__} does not define an initialisation; use DuDeConfig or CorDAConfig.")
 
+    def _injection_finished(self) -> None:
+        """get_peft_model has committed every layer: drop what only the init needed."""
+        self.__dict__.pop("_peft_ext_stored_init", None)
+
     @classmethod
     def from_peft_type(cls, **kwargs):
         """Build the peft_ext config class named by `peft_ext_method` (peft itself would build a plain LoraConfig)."""

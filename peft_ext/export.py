@@ -37,13 +37,9 @@ def config_class_for(method: Optional[str], where: str = "config") -> type[PeftE
     """The config class of a peft_ext method name."""
     from .dude import DuDeConfig
 
-    classes: dict[str, type[PeftExtConfig]] = {"dude": DuDeConfig}
-    try:
-        from .corda import CorDAConfig
+    from .corda import CorDAConfig
 
-        classes["corda"] = CorDAConfig
-    except ImportError:  # CorDA not part of this build
-        pass
+    classes: dict[str, type[PeftExtConfig]] = {"dude": DuDeConfig, "corda": CorDAConfig}
     if method not in classes:
         raise ValueError(
             f"peft_ext: {where} has peft_ext_method={method!r}; known methods are {sorted(classes)}. "

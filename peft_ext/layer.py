@@ -319,7 +319,7 @@ class PeftExtLinear(LoraLinear):
                 if not inj.entries:
                     inj.close()
                     config.__dict__.pop("_peft_ext_injection", None)
-                    config.__dict__.pop("_peft_ext_stored_init", None)
+                    config._injection_finished()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if any(s.pending for s in getattr(self, "_peft_ext_state", {}).values()):

@@ -1,0 +1,92 @@
+"""CorDA (arXiv 2406.05223, NeurIPS 2024): context-oriented decomposition adaptation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+import torch
+from torch import nn
+
+from ..config import PeftExtConfig
+from .decomposition import corda_factors
+
+
+@dataclass
+class CorDAConfig(PeftExtConfig):
+    """Configuration of a CorDA adapter. Call `peft_ext.calibrate(model, config, data)` first, then
+    `get_peft_model(model, config)`.
+
+    Each target weight W is decomposed through the covariance C of its input on calibration data:
+    SVD(W·C) = U S Vᵀ, W = U S Vᵀ C⁻¹. `corda_method="kpm"` (knowledge-preserved; calibrate on QA data of the
+    knowledge to keep) trains the r *smallest* components; `"ipm"` (instruction-previewed; calibrate on the task's
+    instructions) trains the r *largest*. The other components form the frozen residual base weight, so the model's
+    outputs are unchanged at init. The adapter is an ordinary peft LoRA (or DoRA with `use_dora=True`, a magnitude
+    over the context-oriented direction).
+
+    Example:
+        >>> config = CorDAConfig(r=16, lora_alpha=16, target_modules="all-linear", corda_method="kpm")
+        >>> peft_ext.calibrate(model, config, "nq_open.jsonl", tokenizer=tok, num_samples=256)
+        >>> model = get_peft_model(model, config)
+    """
+
+    corda_method: Literal["kpm", "ipm"] = field(
+        default="ipm",
+        metadata={
+            "help": (
+                "'kpm' (knowledge-preserved: train the r smallest components, calibrate on QA data to preserve) or "
+                "'ipm' (instruction-previewed: train the r largest, calibrate on the task's instructions)."
+            )
+        },
+    )
+    corda_damping: float = field(
+        default=0.01,
+        metadata={"help": "C + λI with λ = corda_damping · mean(diag C) before the decomposition (peft uses 0.01)."},
+    )
+    corda_calibration: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Set by peft_ext.calibrate: tokens, samples and fingerprints of the calibration (a record)."},
+    )
+
+    _method: ClassVar[str] = "corda"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.corda_method not in ("kpm", "ipm"):
+            raise ValueError(f"CorDAConfig: corda_method={self.corda_method!r}. Fix: 'kpm' or 'ipm'.")
+        if not self.corda_damping > 0:
+            raise ValueError(f"CorDAConfig: corda_damping={self.corda_damping!r}. Fix: a positive number, e.g. 0.01.")
+        if self.corda_method == "kpm" and self.svd_niter is not None:
+            raise ValueError(
+                f"CorDAConfig: svd_niter={self.svd_niter} with corda_method='kpm'. A randomized SVD finds the largest "
+                f"components, KPM trains the smallest. Fix: svd_niter=None (exact SVD) for KPM."
+            )
+
+    def compute_init_factors(
+        self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        calib = self.__dict__.get("_peft_ext_calibration")
+        if calib is None:
+            raise ValueError(
+                f"peft_ext corda: no calibration for layer '{name}'. Fix: call peft_ext.calibrate(model, config, "
+                f"data, tokenizer=...) with this config before get_peft_model (it is consumed by get_peft_model)."
+            )
+        group = calib.group(name)
+        if group is None:
+            raise ValueError(
+                f"peft_ext corda: layer '{name}' was not calibrated (the calibration covers {len(calib.targets)} other "
+                f"layers). Fix: calibrate with the same target_modules that get_peft_model uses."
+            )
+        if group.dim != weight.shape[1]:
+            raise ValueError(
+                f"peft_ext corda: the covariance for layer '{name}' is {group.dim}-dimensional but the layer has "
+                f"in_features={weight.shape[1]}. Fix: calibrate this model again."
+            )
+        chol = group.cholesky(self.corda_damping, weight.device)
+        A0, B0 = corda_factors(weight, chol, r=r, scaling=scaling, method=self.corda_method, niter=self.svd_niter,
+                               oversample=self.svd_oversample, seed=self.svd_seed)
+        return A0.float(), B0.float()
+
+    def _injection_finished(self) -> None:
+        super()._injection_finished()
+        self.__dict__.pop("_peft_ext_calibration", None)  # consumed: free the covariances

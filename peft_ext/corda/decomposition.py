@@ -1,0 +1,76 @@
+"""CorDA's context-oriented decomposition of one weight, given the covariance of the layer's input.
+
+With C the (damped) input covariance, SVD(W·C) = U S Vᵀ and W = U S Vᵀ C⁻¹ exactly. CorDA trains r of these
+components and freezes the rest: IPM trains the r largest (the directions the task's context uses most), KPM the r
+smallest (leaving the components that carry the context's knowledge frozen). With s the LoRA scaling:
+
+    B0 = U_sel · sqrt(S_sel / s)      A0 = sqrt(S_sel / s) · V_selᵀ C⁻¹      residual = W − s·B0·A0
+
+C⁻¹ is never formed: C = L Lᵀ (Cholesky, computed once per distinct input and shared by all layers reading it),
+W·C = (W·L)·Lᵀ and V_selᵀ C⁻¹ = (cholesky_solve(V_sel, L))ᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..linalg import _canonical_signs, randomized_svd
+
+
+def damped_cholesky(covariance: torch.Tensor, damping: float, *, name: str, max_tries: int = 8) -> torch.Tensor:
+    """Lower Cholesky factor of C + λ·I with λ = damping · mean(diag C).
+
+    A covariance that is positive semi-definite but singular (fewer tokens than dimensions) is made definite by the
+    damping; if the factorisation still fails the damping grows ×10 a bounded number of times. Non-finite input is
+    refused up front (peft's damping loop never terminates on a NaN covariance).
+    """
+    if not torch.isfinite(covariance).all():
+        raise ValueError(
+            f"peft_ext corda: the input covariance of '{name}' contains NaN/Inf. Fix: the calibration activations were "
+            f"not finite; check the data and the model (e.g. an fp16 overflow) and calibrate again."
+        )
+    d = covariance.shape[0]
+    scale = covariance.diagonal().mean().clamp_min(torch.finfo(covariance.dtype).tiny)
+    eye = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+    lam = damping
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(covariance + (lam * scale) * eye)
+        if int(info) == 0:
+            return L
+        lam = max(lam * 10, 1e-10)
+    raise ValueError(
+        f"peft_ext corda: the input covariance of '{name}' is not positive definite even with damping "
+        f"{lam / 10:g}. Fix: calibrate with more (and more varied) samples, or raise corda_damping."
+    )
+
+
+def corda_factors(
+    weight: torch.Tensor,
+    chol: torch.Tensor,
+    *,
+    r: int,
+    scaling: float,
+    method: str,
+    niter: Optional[int] = None,
+    oversample: int = 8,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A0 (r × in), B0 (out × r) for `weight` (out × in) and the Cholesky factor of its input covariance.
+
+    Computed in the dtype of `chol` (float32, or float64 when the covariance was accumulated in float64). `niter`
+    selects a randomized SVD, which only IPM (the largest components) can use.
+    """
+    W = weight.to(chol.dtype)
+    WC = (W @ chol) @ chol.mT
+    if method == "ipm" and niter is not None:
+        U, S, Vh = randomized_svd(WC, r, niter=niter, oversample=oversample, seed=seed)
+    else:
+        U, S, Vh = torch.linalg.svd(WC, full_matrices=False)
+        sel = slice(0, r) if method == "ipm" else slice(S.shape[0] - r, S.shape[0])
+        U, S, Vh = U[:, sel], S[sel], Vh[sel]
+    U, Vh = _canonical_signs(U, Vh)
+    Vc = torch.cholesky_solve(Vh.mT, chol)  # C⁻¹ V_sel, (in × r)
+    root = (S.clamp_min(0) / scaling).sqrt()
+    return root.unsqueeze(1) * Vc.mT, U * root

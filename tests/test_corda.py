@@ -1,0 +1,474 @@
+"""CorDA: calibration engine and decomposition; every guarantee of issue 3 is a test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils.other import transpose
+
+from peft_ext import CorDAConfig, calibrate, export_peft_adapter, load_adapter, load_config
+from peft_ext.layer import PeftExtLinear
+
+from .helpers import ARCHS, VOCAB, assert_same_state, logits, make_tiny, perturb_trainable, rel_err, sample_input, state_snapshot
+from .test_dude import peft_ext_layers, run_plain_peft
+
+
+def corda(**kwargs) -> CorDAConfig:
+    kwargs.setdefault("r", 4)
+    kwargs.setdefault("lora_alpha", 8)
+    kwargs.setdefault("target_modules", "all-linear")
+    return CorDAConfig(**kwargs)
+
+
+def token_batches(n: int = 12, length: int = 20, batch: int = 4, seed: int = 3, ragged: bool = True):
+    """Right-padded batches of random token ids with ragged lengths (padding id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        size = int(torch.randint(length // 2, length + 1, (1,), generator=g)) if ragged else length
+        rows.append(torch.randint(1, VOCAB, (size,), generator=g).tolist())
+    return rows_to_batches(rows, batch)
+
+
+def rows_to_batches(rows, batch, pad=0):
+    from peft_ext.corda.calibration import batch_rows
+
+    return batch_rows(rows, batch, pad)
+
+
+def calibrated(arch="llama", method="ipm", batches=None, dtype=torch.float32, **cfg):
+    model = make_tiny(arch)
+    config = corda(corda_method=method, **cfg)
+    calibrate(model, config, batches or token_batches(), covariance_dtype=dtype, verbose=False)
+    return model, config
+
+
+# --- init -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["kpm", "ipm"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_init_preserves_logits(arch, method):
+    x = sample_input()
+    ref = logits(make_tiny(arch), x)
+    model, config = calibrated(arch, method)
+    peft_model = get_peft_model(model, config)
+    assert len(peft_ext_layers(peft_model)) > 0
+    assert rel_err(logits(peft_model, x), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["kpm", "ipm"])
+def test_trainable_product_matches_float64_reference(method):
+    """s·B·A equals the paper's math done in float64: SVD(W·C), the r selected components, times C⁻¹."""
+    batches = token_batches(n=24, length=24)
+    model, config = calibrated("llama", method, batches=batches, dtype=torch.float64)
+    calib = config.__dict__["_peft_ext_calibration"]
+    weights = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if n in calib.targets}
+    covs = {n: calib.group(n).covariance.double().clone() for n in calib.targets}
+    peft_model = get_peft_model(model, config)
+    for name, layer in peft_ext_layers(peft_model).items():
+        name = name.removeprefix("base_model.model.")
+        W, C = weights[name], covs[name]
+        C = C + 0.01 * C.diagonal().mean() * torch.eye(C.shape[0], dtype=torch.float64)
+        U, S, Vh = torch.linalg.svd(W @ C, full_matrices=False)
+        sel = slice(0, 4) if method == "ipm" else slice(S.shape[0] - 4, S.shape[0])
+        ref = U[:, sel] @ torch.diag(S[sel]) @ Vh[sel] @ torch.linalg.inv(C)
+        s = layer.scaling["default"]
+        got = s * layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        assert (got - ref).norm() / ref.norm() < 1e-4, name
+        residual = layer.get_base_layer().weight.double()
+        assert (residual + got - W).abs().max() < 1e-5
+
+
+def test_kpm_and_ipm_pick_opposite_ends_of_the_spectrum():
+    """In the covariance-weighted sense the trained part is s·B·A·C = U_sel S_sel V_selᵀ: IPM holds the largest
+    singular values of W·C, KPM the smallest."""
+    norms = {}
+    for method in ("kpm", "ipm"):
+        model, config = calibrated("llama", method)
+        calib = config.__dict__["_peft_ext_calibration"]
+        covs = {n: calib.group(n).covariance.clone() for n in calib.targets}
+        layers = peft_ext_layers(get_peft_model(model, config))
+        norms[method] = {
+            n.removeprefix("base_model.model."): (l.lora_B["default"].weight @ l.lora_A["default"].weight
+                                                  @ covs[n.removeprefix("base_model.model.")]).norm()
+            for n, l in layers.items()
+        }
+    for name in norms["kpm"]:
+        assert norms["kpm"][name] < norms["ipm"][name], name
+
+
+@pytest.mark.parametrize("method", ["kpm", "ipm"])
+def test_use_dora_over_the_corda_direction(method):
+    x = sample_input()
+    ref = logits(make_tiny("qwen2"), x)
+    model, config = calibrated("qwen2", method, use_dora=True)
+    peft_model = get_peft_model(model, config)
+    assert rel_err(logits(peft_model, x), ref) <= 1e-5
+    assert any("lora_magnitude_vector" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+def test_rank_and_alpha_pattern_are_honoured():
+    model, config = calibrated("llama", "ipm", rank_pattern={"k_proj": 2, "down_proj": 6}, alpha_pattern={"q_proj": 3})
+    layers = peft_ext_layers(get_peft_model(model, config))
+    for name, layer in layers.items():
+        r = 2 if name.endswith("k_proj") else 6 if name.endswith("down_proj") else 4
+        assert layer.r["default"] == r and layer.lora_A["default"].weight.shape[0] == r
+        assert layer.scaling["default"] == (3 / 4 if name.endswith("q_proj") else 8 / r)
+
+
+def test_randomized_svd_for_ipm_is_seeded():
+    a = peft_ext_layers(get_peft_model(*calibrated("llama", "ipm", svd_niter=3)))
+    b = peft_ext_layers(get_peft_model(*calibrated("llama", "ipm", svd_niter=3)))
+    for name in a:
+        assert torch.equal(a[name].lora_A["default"].weight, b[name].lora_A["default"].weight)
+
+
+# --- calibration engine ---------------------------------------------------------------------------------------------
+
+
+def test_batch_size_does_not_change_the_adapter():
+    """The same sequences calibrated one by one and in right-padded batches of 4 give the same adapter."""
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, VOCAB, (int(n),), generator=g).tolist() for n in torch.randint(5, 25, (10,), generator=g)]
+    results = []
+    for bs, pad in ((1, 0), (4, 0), (4, 7)):  # padding id must not matter either
+        model = make_tiny("llama")
+        config = corda(corda_method="kpm")
+        calib = calibrate(model, config, rows_to_batches(rows, bs, pad), verbose=False)
+        covs = {n: calib.group(n).covariance.clone() for n in calib.targets}
+        layers = peft_ext_layers(get_peft_model(model, config))
+        results.append((covs, {n: l.lora_B["default"].weight @ l.lora_A["default"].weight for n, l in layers.items()}))
+    (c1, p1), *others = results
+    for c, p in others:
+        for n in c1:
+            torch.testing.assert_close(c[n], c1[n], rtol=1e-5, atol=1e-6)
+        for n in p1:
+            torch.testing.assert_close(p[n], p1[n], rtol=1e-3, atol=1e-5)
+
+
+def test_covariance_is_mean_outer_product_over_real_tokens():
+    """Against an explicit computation: hook q_proj's input, keep the unpadded rows, average x xᵀ."""
+    batches = token_batches(n=6, batch=3)
+    model = make_tiny("llama")
+    seen = []
+    h = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    h.remove()
+    rows = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double()
+    expected = rows.T @ rows / rows.shape[0]
+    calib = calibrate(model, corda(), batches, verbose=False)
+    torch.testing.assert_close(calib.group("model.layers.1.self_attn.q_proj").covariance.double(), expected,
+                               rtol=1e-5, atol=1e-6)
+    assert calib.tokens == int(sum(b["attention_mask"].sum() for b in batches))
+
+
+@pytest.mark.parametrize("arch,per_layer", [("llama", 4), ("qwen2", 4), ("gpt2", 4)])
+def test_one_covariance_per_distinct_input(arch, per_layer):
+    _, config = calibrated(arch)
+    calib = config.__dict__["_peft_ext_calibration"]
+    assert len(calib.groups) == per_layer * 2  # 2 layers
+    if arch != "gpt2":
+        q = calib.group("model.layers.0.self_attn.q_proj")
+        assert q is calib.group("model.layers.0.self_attn.k_proj") is calib.group("model.layers.0.self_attn.v_proj")
+        assert calib.group("model.layers.0.mlp.gate_proj") is calib.group("model.layers.0.mlp.up_proj")
+        assert calib.group("model.layers.0.mlp.gate_proj") is not q
+    # one tensor in memory per group
+    assert len({id(g.covariance) for g in calib.groups}) == len(calib.groups)
+
+
+def test_float64_accumulation_option():
+    _, config = calibrated("llama", dtype=torch.float64)
+    assert all(g.covariance.dtype == torch.float64 for g in config.__dict__["_peft_ext_calibration"].groups)
+
+
+def test_calibration_is_consumed_and_model_untouched_by_calibrate():
+    model = make_tiny("llama")
+    before = state_snapshot(model)
+    config = corda()
+    calibrate(model, config, token_batches(), verbose=False)
+    assert_same_state(before, model)
+    get_peft_model(model, config)
+    assert "_peft_ext_calibration" not in config.__dict__  # the covariances are freed after get_peft_model
+    assert config.corda_calibration["tokens"] > 0
+
+
+def test_calibrate_accepts_texts_chats_records_jsonl_datasets_and_dataloaders(tmp_path):
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"[UNK]": VOCAB - 2, "[PAD]": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    texts = [" ".join(f"w{(7 * i + j) % 100}" for j in range(5 + i % 7)) for i in range(10)]
+    records = [{"question": t, "answer": ["w1", "w2"]} for t in texts]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    sources = {
+        "texts": texts,
+        "records": records,
+        "jsonl": str(tmp_path / "data.jsonl"),
+        "dataset": datasets.Dataset.from_list(records),
+        "chats": chats,
+        "messages-records": [{"messages": c} for c in chats],
+    }
+    tokens = {}
+    for name, data in sources.items():
+        calib = calibrate(make_tiny("llama"), corda(), data, tokenizer=tokenizer, batch_size=3, verbose=False)
+        tokens[name] = calib.tokens
+    assert tokens["texts"] == tokens["records"] == tokens["jsonl"] == tokens["dataset"] > 0
+    assert tokens["chats"] == tokens["messages-records"] > tokens["texts"]
+    both = calibrate(make_tiny("llama"), corda(), records, tokenizer=tokenizer, text_field=["question", "answer"],
+                     verbose=False)
+    assert both.tokens > tokens["records"]
+    loader = torch.utils.data.DataLoader(
+        [{"input_ids": torch.randint(0, VOCAB, (8,)), "attention_mask": torch.ones(8, dtype=torch.long)}
+         for _ in range(6)], batch_size=2)
+    assert calibrate(make_tiny("llama"), corda(), loader, verbose=False).tokens == 48
+    # num_samples takes a seeded subset
+    sub = calibrate(make_tiny("llama"), corda(), texts, tokenizer=tokenizer, num_samples=4, seed=1, verbose=False)
+    sub2 = calibrate(make_tiny("llama"), corda(), texts, tokenizer=tokenizer, num_samples=4, seed=1, verbose=False)
+    assert sub.fingerprint == sub2.fingerprint and sub.fingerprint["samples"] == 4
+
+
+def test_cache_roundtrip_and_refusals(tmp_path):
+    cache = str(tmp_path / "cov.safetensors")
+    batches = token_batches()
+    model = make_tiny("llama")
+    first = calibrate(model, corda(), batches, cache_file=cache, verbose=False)
+    assert first.source == "computed" and os.path.exists(cache)
+    config = corda()
+    again = calibrate(model, config, batches, cache_file=cache, verbose=False)
+    assert again.source == cache
+    for g1, g2 in zip(first.groups, again.groups):
+        assert g1.members == g2.members and torch.equal(g1.covariance, g2.covariance)
+    # different data, different model weights, different targets: refused, naming what differs
+    with pytest.raises(ValueError, match="different data"):
+        calibrate(model, corda(), token_batches(seed=9), cache_file=cache, verbose=False)
+    with pytest.raises(ValueError, match="different model"):
+        calibrate(make_tiny("llama", seed=4), corda(), batches, cache_file=cache, verbose=False)
+    with pytest.raises(ValueError, match="targets"):
+        calibrate(model, corda(target_modules=["q_proj"]), batches, cache_file=cache, verbose=False)
+    # a corrupt file is refused, not used
+    with open(cache, "r+b") as f:
+        f.seek(20)
+        f.write(b"\x00garbage\xff" * 8)
+    with pytest.raises(ValueError, match="unreadable"):
+        calibrate(model, corda(), batches, cache_file=cache, verbose=False)
+    not_ours = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(not_ours))
+    with pytest.raises(ValueError, match="not a peft_ext CorDA cache"):
+        calibrate(model, corda(), batches, cache_file=str(not_ours), verbose=False)
+
+
+def test_summary_and_low_token_warning():
+    few = token_batches(n=2, length=10, batch=2)
+    with pytest.warns(UserWarning, match=r"\d+ calibration tokens for a \d+-dimensional input .* relies on damping"):
+        calib = calibrate(make_tiny("llama"), corda(), few, verbose=False)
+    text = calib.summary(limit=None)
+    assert f"{calib.tokens:,} tokens" in text and "model.layers.0.mlp.down_proj" in text
+    assert any(g.positive_definite is False for g in calib.groups)
+
+
+DIST_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from tests.helpers import make_tiny
+from tests.test_corda import corda, token_batches
+from peft_ext import calibrate
+from peft_ext.corda.calibration import batch_rows
+rank, world = int(sys.argv[2]), int(sys.argv[3])
+if world > 1:
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[4], rank=rank, world_size=world)
+g = torch.Generator().manual_seed(11)
+rows = [torch.randint(1, 128, (int(n),), generator=g).tolist() for n in torch.randint(4, 20, (14,), generator=g)]
+
+class Tok:
+    pad_token_id = 0
+def fake_prepare(data, tokenizer, **kw):
+    return "rows", rows
+import peft_ext.corda.calibration as C
+C.prepare_calibration_data = fake_prepare
+calib = calibrate(make_tiny("llama"), corda(), rows, tokenizer=Tok(), batch_size=3, verbose=False)
+if rank == 0:
+    torch.save({n: calib.group(n).covariance for n in calib.targets} | {"tokens": calib.tokens}, sys.argv[5])
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_on_two_halves_equal_one_rank_on_all(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, str(script), root, "0", "1", "", str(tmp_path / "one.pt")],
+                            capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    store = str(tmp_path / "store")
+    procs = [subprocess.Popen([sys.executable, str(script), root, str(r), "2", store, str(tmp_path / "two.pt")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["tokens"] == two["tokens"]
+    for name in one:
+        if name != "tokens":
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+# --- save / load / export / merge -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["kpm", "ipm"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_export_merge(arch, method, tmp_path):
+    x = sample_input()
+    model, config = calibrated(arch, method)
+    peft_model = get_peft_model(model, config)
+    perturb_trainable(peft_model)
+    trained = logits(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "saved")
+    # exact reload without the calibration data
+    reloaded = load_adapter(make_tiny(arch), str(tmp_path / "saved"))
+    assert rel_err(logits(reloaded, x), trained) <= 1e-5
+    assert type(load_config(str(tmp_path / "saved"))) is CorDAConfig
+    # plain rank-2r LoRA that loads without peft_ext
+    out = export_peft_adapter(peft_model, str(tmp_path / "export"))
+    plain = json.loads(open(os.path.join(out, "adapter_config.json")).read())
+    assert plain["r"] == 8 and plain["use_dora"] is False
+    assert rel_err(run_plain_peft(arch, out, x, tmp_path), trained) <= 1e-4
+    # merge
+    assert rel_err(logits(peft_model.merge_and_unload(), x), trained) <= 1e-5
+
+
+def test_dora_export_and_reload(tmp_path):
+    x = sample_input()
+    model, config = calibrated("mistral", "kpm", use_dora=True)
+    peft_model = get_peft_model(model, config)
+    perturb_trainable(peft_model)
+    trained = logits(peft_model, x)
+    peft_model.save_pretrained(tmp_path / "saved")
+    assert rel_err(logits(load_adapter(make_tiny("mistral"), str(tmp_path / "saved")), x), trained) <= 1e-5
+    out = export_peft_adapter(peft_model, str(tmp_path / "export"))
+    assert json.loads(open(os.path.join(out, "adapter_config.json")).read())["use_dora"] is True
+    assert rel_err(run_plain_peft("mistral", out, x, tmp_path), trained) <= 1e-4
+
+
+def test_saved_config_keeps_corda_fields(tmp_path):
+    model, config = calibrated("llama", "kpm", corda_damping=0.05)
+    get_peft_model(model, config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_ext_method"] == "corda" and saved["corda_method"] == "kpm" and saved["corda_damping"] == 0.05
+    assert saved["corda_calibration"]["tokens"] > 0 and "data" in saved["corda_calibration"]
+    with pytest.raises(ValueError, match="peft_ext"):
+        PeftModel.from_pretrained(make_tiny("llama"), str(tmp_path))
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_get_peft_model_without_calibration_leaves_model_untouched():
+    model = make_tiny("llama")
+    x = sample_input()
+    ref, before = logits(model, x), state_snapshot(model)
+    with pytest.raises(ValueError, match="no calibration for layer .* Fix: call peft_ext.calibrate"):
+        get_peft_model(model, corda())
+    assert_same_state(before, model)
+    assert not peft_ext_layers(model) and torch.equal(logits(model, x), ref)
+
+
+def test_rank_too_large_leaves_model_untouched_and_calibration_reusable():
+    model = make_tiny("llama")
+    x = sample_input()
+    ref, before = logits(model, x), state_snapshot(model)
+    config = corda(r=40, lora_alpha=40)
+    calibrate(model, config, token_batches(), verbose=False)
+    with pytest.raises(ValueError, match=r"r=40 .*k_proj"):
+        get_peft_model(model, config)
+    assert_same_state(before, model)
+    assert torch.equal(logits(model, x), ref)
+    config.rank_pattern = {"k_proj": 32, "v_proj": 32}
+    fixed = get_peft_model(model, config)  # the calibration survived the failed attempt
+    assert rel_err(logits(fixed, x), ref) <= 1e-5
+
+
+def test_bad_calibration_data_is_refused():
+    model = make_tiny("llama")
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, corda(), [], verbose=False)
+    pad = [{"input_ids": torch.zeros(2, 6, dtype=torch.long), "attention_mask": torch.zeros(2, 6, dtype=torch.long)}]
+    with pytest.raises(ValueError, match="batch 1 is all padding"):
+        calibrate(model, corda(), token_batches(n=4) + pad, verbose=False)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        calibrate(model, corda(), ["some text"], verbose=False)
+    with pytest.raises(ValueError, match="matches no nn.Linear"):
+        calibrate(model, corda(target_modules=["nope"]), token_batches(), verbose=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        calibrate(model, corda(), "/nonexistent/data.jsonl", tokenizer=object(), verbose=False)
+    with pytest.raises(TypeError, match="CorDAConfig"):
+        from peft_ext import DuDeConfig
+
+        calibrate(model, DuDeConfig(target_modules="all-linear"), token_batches(), verbose=False)
+    assert_same_state(before, model)
+
+
+def test_nan_activations_are_refused_with_the_layer():
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")  # NaN/Inf reaches down_proj's input
+    before = state_snapshot(model)
+    config = corda()
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj' received NaN/Inf activations in calibration batch 0"):
+        calibrate(model, config, token_batches(), verbose=False)
+    assert "_peft_ext_calibration" not in config.__dict__
+    assert_same_state(before, model)
+
+
+def test_nan_covariance_is_refused_not_looped_on():
+    from peft_ext.corda.decomposition import damped_cholesky
+
+    cov = torch.eye(4)
+    cov[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        damped_cholesky(cov, 0.01, name="layer")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="corda_method='xyz'"):
+        CorDAConfig(corda_method="xyz")
+    with pytest.raises(ValueError, match="svd_niter=2 with corda_method='kpm'"):
+        CorDAConfig(corda_method="kpm", svd_niter=2)
+    with pytest.raises(ValueError, match="corda_damping"):
+        CorDAConfig(corda_damping=0)
+
+
+def test_calibrate_refuses_a_wrapped_model():
+    model, config = calibrated("llama")
+    peft_model = get_peft_model(model, config)
+    with pytest.raises(ValueError, match="already has peft adapter layers"):
+        calibrate(peft_model, corda(), token_batches(), verbose=False)
+
+
+def test_layers_are_peft_layers():
+    model, config = calibrated("gpt2", "ipm")
+    layers = peft_ext_layers(get_peft_model(model, config))
+    assert layers and all(isinstance(l, PeftExtLinear) and l.fan_in_fan_out for l in layers.values())
+    for layer in layers.values():
+        W = transpose(layer.get_base_layer().weight, True)
+        assert W.shape[1] == layer.lora_A["default"].weight.shape[1]
