@@ -51,17 +51,23 @@ class CovarianceGroup:
     _sum: Optional[torch.Tensor] = field(default=None, repr=False)
     _current: Any = field(default=None, repr=False)  # weakref to this batch's input
     _chol: dict = field(default_factory=dict, repr=False)
+    _decomposed: set = field(default_factory=set, repr=False)
 
     @property
     def dim(self) -> int:
         return self.covariance.shape[0]
 
-    def cholesky(self, damping: float, device: torch.device) -> torch.Tensor:
-        """Damped Cholesky factor, computed once per group (shared by q/k/v, gate/up, ...)."""
+    def cholesky(self, damping: float, device: torch.device) -> tuple[torch.Tensor, float]:
+        """(L, shift) of the damped covariance, computed once per group (shared by q/k/v, gate/up, ...)."""
         key = (damping, str(device))
         if key not in self._chol:
             self._chol = {key: damped_cholesky(self.covariance.to(device), damping, name=self.members[0])}
         return self._chol[key]
+
+    def mark_decomposed(self, name: str) -> None:
+        self._decomposed.add(name)
+        if self._decomposed >= set(self.members):
+            self._chol.clear()  # recomputed on demand if get_peft_model is retried after an error
 
 
 class Calibration:
@@ -319,6 +325,27 @@ def _load_cache(path: str, expected: dict) -> Calibration:
 # --- the engine ---------------------------------------------------------------------------------------------------
 
 
+SYM_BLOCK = 128
+
+
+def accumulate_upper_(acc: torch.Tensor, rows: torch.Tensor, block: int = SYM_BLOCK) -> None:
+    """acc += rowsᵀ·rows on and above the diagonal blocks only (about half the FLOPs of a full product; the lower
+    triangle is filled in by `symmetrize`)."""
+    d = rows.shape[1]
+    for i in range(0, d, block):
+        acc[i : i + block, i:].addmm_(rows[:, i : i + block].mT, rows[:, i:])
+
+
+def symmetrize(acc: torch.Tensor, block: int = SYM_BLOCK) -> torch.Tensor:
+    """The full symmetric matrix from what `accumulate_upper_` filled (block upper triangle)."""
+    d = acc.shape[0]
+    for i in range(0, d, block):
+        acc[i + block :, i : i + block] = acc[i : i + block, i + block :].mT
+        diag = acc[i : i + block, i : i + block]
+        diag.copy_(diag.triu() + diag.triu(1).mT)
+    return acc
+
+
 class _StopForward(Exception):
     """Raised by the hook of the last target: nothing after it is needed."""
 
@@ -334,6 +361,7 @@ class _Collector:
         self.mask: Optional[torch.Tensor] = None
         self.batch_index = 0
         self.stop_after: Optional[str] = None
+        self.early_exit = False
 
     def hook(self, name: str):
         def pre_hook(module, args):
@@ -343,6 +371,9 @@ class _Collector:
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         if self.first:
+            if name in self.group_of:
+                raise ValueError(f"peft_ext.calibrate: layer '{name}' ran twice in one forward pass (a shared/reused "
+                                 f"module); its input covariance is ambiguous. Fix: leave it out of target_modules.")
             self.order.append(name)
             group = next((g for g in self.groups if g._current is not None and g._current() is x), None)
             if group is None:
@@ -365,7 +396,7 @@ class _Collector:
                     f"peft_ext.calibrate: layer '{name}' shared its input with '{group.members[0]}' in the first batch "
                     f"but not in batch {self.batch_index}. Fix: calibrate in eval mode without data-dependent routing."
                 )
-        if name == self.stop_after:
+        if name == self.stop_after or (self.first and self.early_exit and len(self.order) == len(self.names)):
             raise _StopForward
 
     def _accumulate(self, group: CovarianceGroup, x: torch.Tensor, name: str) -> None:
@@ -389,7 +420,7 @@ class _Collector:
             )
         if group._sum is None:
             group._sum = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
-        group._sum.addmm_(rows.mT, rows)
+        accumulate_upper_(group._sum, rows)
         group.tokens += rows.shape[0]
 
 
@@ -475,6 +506,8 @@ def calibrate(
     if kind == "rows":
         if shard is None or shard:
             items = items[rank::world]
+        # sorted by length: batches of similar lengths waste no compute on padding (the sums do not depend on order)
+        items = sorted(items, key=len)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         batches = batch_rows(items, batch_size, pad_id)
     else:
@@ -492,7 +525,7 @@ def calibrate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    early_exit = not is_zero3_partitioned(model)
+    collector.early_exit = early_exit = not is_zero3_partitioned(model)
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     try:
         bar = tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose or rank != 0)
@@ -536,7 +569,7 @@ def calibrate(
         if g.tokens == 0:
             raise ValueError("peft_ext.calibrate: the calibration data holds no real (unpadded) token. Fix: check the "
                              "data and its attention masks.")
-        g.covariance = g._sum / g.tokens
+        g.covariance = symmetrize(g._sum).div_(g.tokens)
         g._sum = g._current = None
         _diagnose(g)
     calib = Calibration(groups, fingerprint, source="computed")

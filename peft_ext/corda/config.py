@@ -82,9 +82,11 @@ class CorDAConfig(PeftExtConfig):
                 f"peft_ext corda: the covariance for layer '{name}' is {group.dim}-dimensional but the layer has "
                 f"in_features={weight.shape[1]}. Fix: calibrate this model again."
             )
-        chol = group.cholesky(self.corda_damping, weight.device)
-        A0, B0 = corda_factors(weight, chol, r=r, scaling=scaling, method=self.corda_method, niter=self.svd_niter,
-                               oversample=self.svd_oversample, seed=self.svd_seed)
+        chol, shift = group.cholesky(self.corda_damping, weight.device)
+        A0, B0 = corda_factors(weight, group.covariance.to(weight.device), chol, shift, r=r, scaling=scaling,
+                               method=self.corda_method, niter=self.svd_niter, oversample=self.svd_oversample,
+                               seed=self.svd_seed)
+        group.mark_decomposed(name)  # frees the Cholesky factor once every layer reading this input is done
         return A0.float(), B0.float()
 
     def _injection_finished(self) -> None:

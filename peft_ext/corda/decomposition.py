@@ -19,8 +19,10 @@ import torch
 from ..linalg import _canonical_signs, randomized_svd
 
 
-def damped_cholesky(covariance: torch.Tensor, damping: float, *, name: str, max_tries: int = 8) -> torch.Tensor:
-    """Lower Cholesky factor of C + λ·I with λ = damping · mean(diag C).
+def damped_cholesky(
+    covariance: torch.Tensor, damping: float, *, name: str, max_tries: int = 8
+) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor L of C + shift·I with shift = damping · mean(diag C); returns (L, shift).
 
     A covariance that is positive semi-definite but singular (fewer tokens than dimensions) is made definite by the
     damping; if the factorisation still fails the damping grows ×10 a bounded number of times. Non-finite input is
@@ -31,14 +33,14 @@ def damped_cholesky(covariance: torch.Tensor, damping: float, *, name: str, max_
             f"peft_ext corda: the input covariance of '{name}' contains NaN/Inf. Fix: the calibration activations were "
             f"not finite; check the data and the model (e.g. an fp16 overflow) and calibrate again."
         )
-    d = covariance.shape[0]
-    scale = covariance.diagonal().mean().clamp_min(torch.finfo(covariance.dtype).tiny)
-    eye = torch.eye(d, dtype=covariance.dtype, device=covariance.device)
+    scale = float(covariance.diagonal().mean().clamp_min(torch.finfo(covariance.dtype).tiny))
     lam = damping
     for _ in range(max_tries):
-        L, info = torch.linalg.cholesky_ex(covariance + (lam * scale) * eye)
+        damped = covariance.clone()
+        damped.diagonal().add_(lam * scale)
+        L, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
-            return L
+            return L, lam * scale
         lam = max(lam * 10, 1e-10)
     raise ValueError(
         f"peft_ext corda: the input covariance of '{name}' is not positive definite even with damping "
@@ -48,7 +50,9 @@ def damped_cholesky(covariance: torch.Tensor, damping: float, *, name: str, max_
 
 def corda_factors(
     weight: torch.Tensor,
+    covariance: torch.Tensor,
     chol: torch.Tensor,
+    shift: float,
     *,
     r: int,
     scaling: float,
@@ -57,13 +61,14 @@ def corda_factors(
     oversample: int = 8,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A0 (r × in), B0 (out × r) for `weight` (out × in) and the Cholesky factor of its input covariance.
+    """A0 (r × in), B0 (out × r) for `weight` (out × in), its input covariance C and the Cholesky factor L of
+    C + shift·I (from `damped_cholesky`).
 
-    Computed in the dtype of `chol` (float32, or float64 when the covariance was accumulated in float64). `niter`
+    Computed in the dtype of the covariance (float32, or float64 when it was accumulated in float64). `niter`
     selects a randomized SVD, which only IPM (the largest components) can use.
     """
     W = weight.to(chol.dtype)
-    WC = (W @ chol) @ chol.mT
+    WC = torch.addmm(W, W, covariance.to(chol.dtype), beta=shift)  # W·(C + shift·I) in one GEMM
     if method == "ipm" and niter is not None:
         U, S, Vh = randomized_svd(WC, r, niter=niter, oversample=oversample, seed=seed)
     else:
