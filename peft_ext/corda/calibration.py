@@ -46,8 +46,8 @@ class CovarianceGroup:
     members: list[str]
     covariance: Optional[torch.Tensor] = None  # (d, d), Σ x xᵀ / tokens
     tokens: int = 0
-    positive_definite: Optional[bool] = None
-    condition_estimate: Optional[float] = None
+    positive_definite: Optional[bool] = None  # C itself (undamped) is positive definite, i.e. of full rank
+    condition_estimate: Optional[float] = None  # (max/min diagonal of C's Cholesky factor)², a lower bound of cond(C)
     _sum: Optional[torch.Tensor] = field(default=None, repr=False)
     _current: Any = field(default=None, repr=False)  # weakref to this batch's input
     _chol: dict = field(default_factory=dict, repr=False)
@@ -94,12 +94,12 @@ class Calibration:
         lines = [
             f"CorDA calibration ({self.source}): {self.tokens:,} tokens, {len(self.groups)} covariances for "
             f"{len(self._by_name)} layers",
-            f"  {'input of':<48} {'layers':>6} {'dim':>5} {'pos.def.':>8} {'cond.≈':>9}",
+            f"  {'input of':<48} {'layers':>6} {'dim':>5} {'full rank':>9} {'cond.≈':>9}",
         ]
         worst = sorted(self.groups, key=lambda g: -(g.condition_estimate or float("inf")))
         for g in worst[:limit] if limit else worst:
             cond = f"{g.condition_estimate:.2e}" if g.condition_estimate is not None else "inf"
-            lines.append(f"  {g.members[0]:<48} {len(g.members):>6} {g.dim:>5} {str(g.positive_definite):>8} {cond:>9}")
+            lines.append(f"  {g.members[0]:<48} {len(g.members):>6} {g.dim:>5} {str(g.positive_definite):>9} {cond:>9}")
         if limit and len(self.groups) > limit:
             lines.append(f"  ... {len(self.groups) - limit} more (Calibration.summary(limit=None) lists all)")
         return "\n".join(lines)
@@ -362,6 +362,7 @@ class _Collector:
         self.batch_index = 0
         self.stop_after: Optional[str] = None
         self.early_exit = False
+        self.no_padding = False
 
     def hook(self, name: str):
         def pre_hook(module, args):
@@ -401,7 +402,9 @@ class _Collector:
 
     def _accumulate(self, group: CovarianceGroup, x: torch.Tensor, name: str) -> None:
         mask = self.mask
-        if x.shape[:-1] == mask.shape:
+        if self.no_padding and x.shape[:-1] == mask.shape:
+            rows = x.reshape(-1, x.shape[-1])  # a view: nothing to leave out
+        elif x.shape[:-1] == mask.shape:
             rows = x[mask]
         elif x.dim() == 2 and x.shape[0] == mask.numel():
             rows = x[mask.reshape(-1)]
@@ -425,8 +428,10 @@ class _Collector:
 
 
 def _diagnose(group: CovarianceGroup) -> None:
+    """Rank and conditioning of C itself for the summary. The factor is not kept: holding one per group would double
+    the calibration's memory; the decomposition factors the damped matrix once per group."""
     L, info = torch.linalg.cholesky_ex(group.covariance)
-    group.positive_definite = int(info) == 0
+    group.positive_definite = group.tokens >= group.dim and int(info) == 0
     if group.positive_definite:
         d = L.diagonal()
         group.condition_estimate = float((d.max() / d.min()) ** 2)
@@ -501,6 +506,8 @@ def calibrate(
     rank, world = dist_info()
     if cache_file is not None and os.path.exists(cache_file):
         calib = _load_cache(cache_file, fingerprint)
+        for g in calib.groups:
+            _diagnose(g)
         return _attach(config, calib, verbose and rank == 0)
 
     if kind == "rows":
@@ -537,6 +544,7 @@ def calibrate(
                          "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
             collector.batch_index = i
             collector.mask = batch["attention_mask"].to(device).bool()
+            collector.no_padding = bool(collector.mask.all())
             try:
                 model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       **extra)
