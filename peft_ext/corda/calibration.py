@@ -365,8 +365,8 @@ class _Collector:
         self.no_padding = False
 
     def hook(self, name: str):
-        def pre_hook(module, args):
-            self.observe(name, args[0])
+        def pre_hook(module, args, kwargs):
+            self.observe(name, args[0] if args else next(iter(kwargs.values())))
 
         return pre_hook
 
@@ -528,7 +528,7 @@ def calibrate(
 
     collector = _Collector(names, covariance_dtype)
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(collector.hook(n)) for n in names]
+    handles = [modules[n].register_forward_pre_hook(collector.hook(n), with_kwargs=True) for n in names]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
