@@ -38,13 +38,17 @@ EXAMPLES = [
 HELD_OUT = "Explain what DuDe does."  # not among the training questions
 
 
+def _encode(tokenizer, messages, add_generation_prompt=False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def chat_ids(tokenizer, question: str, answer: str | None = None):
     messages = [{"role": "user", "content": question}]
     if answer is None:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)["input_ids"]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}])
+        return torch.tensor([_encode(tokenizer, messages, add_generation_prompt=True)])
+    prompt = _encode(tokenizer, messages, add_generation_prompt=True)
+    full = _encode(tokenizer, messages + [{"role": "assistant", "content": answer}])
     labels = [-100] * len(prompt) + full[len(prompt):]  # loss on the answer only
     return full, labels
 
