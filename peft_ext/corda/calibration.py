@@ -126,8 +126,9 @@ def _record_text(record: Mapping, tokenizer, text_field) -> str:
         if f not in record:
             raise ValueError(f"peft_ext.calibrate: text_field {f!r} is missing from a record with fields {sorted(record)}.")
         value = record[f]
-        if f == "messages":
-            return tokenizer.apply_chat_template(value, tokenize=False)
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], Mapping) and "role" in value[0]:
+            parts.append(tokenizer.apply_chat_template(list(value), tokenize=False))  # a conversation
+            continue
         parts.append(", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
     return "\n".join(parts)
 
@@ -194,8 +195,11 @@ def prepare_calibration_data(data, tokenizer, *, num_samples: int, max_length: i
     elif isinstance(chosen[0], (list, tuple)) and chosen[0] and isinstance(chosen[0][0], Mapping):
         texts, chat = [tokenizer.apply_chat_template(m, tokenize=False) for m in chosen], True
     elif isinstance(chosen[0], Mapping):
-        chat = (text_field or next((f for f in TEXT_FIELDS if f in chosen[0]), None)) == "messages"
         texts = [_record_text(r, tokenizer, text_field) for r in chosen]
+        fields = [text_field] if isinstance(text_field, str) else (text_field or [next(
+            (f for f in TEXT_FIELDS if f in chosen[0]), None)])
+        chat = any(isinstance(chosen[0].get(f), (list, tuple)) and chosen[0].get(f)
+                   and isinstance(chosen[0][f][0], Mapping) for f in fields)  # chat templates add special tokens
     else:
         raise TypeError(f"peft_ext.calibrate: unsupported calibration sample type {type(chosen[0]).__name__}.")
     rows = [r for r in _rows_from_texts(texts, tokenizer, max_length, chat) if r]

@@ -1,0 +1,216 @@
+"""trl_recipes: the SFT CLI per method, the default run, recipes, evaluation, and bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+RECIPES = os.path.join(ROOT, "trl_recipes", "recipes")
+SMOL = os.path.join(RECIPES, "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (so the CLI runs end to end fast)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trl_recipes.models import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-smol")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def run_cli(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "trl_recipes.sft", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_examples", "2",
+        "--eval_max_new_tokens", "6", "--logging_steps", "1"]
+
+
+def check_finished_run(out_dir, method, steps=2):
+    for name in ("adapter", "adapter_plain_peft", "metrics.json", "loss_curve.png"):
+        assert os.path.exists(os.path.join(out_dir, name)), name
+    metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
+    assert metrics["peft_method"] == method and metrics["global_steps"] == steps
+    assert len(metrics["loss_history"]) == steps and all(l > 0 for _, l in metrics["loss_history"])
+    assert len(metrics["held_out_examples"]) == 2
+    return metrics
+
+
+@torch.no_grad()
+def assert_adapter_and_export_agree(model_dir, out_dir):
+    """The saved adapter (peft_ext or peft loader) and its plain export give the same logits on the untouched base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import peft_ext
+
+    x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapter = os.path.join(out_dir, "adapter")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    trained = (peft_ext.load_adapter(base, adapter) if "peft_ext_method" in cfg
+               else PeftModel.from_pretrained(base, adapter)).eval()(x).logits
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                      os.path.join(out_dir, "adapter_plain_peft")).eval()(x).logits
+    assert ((plain - trained).abs().max() / trained.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("method,recipe,extra", [
+    ("lora", "lora/config_cpu.yaml", []),
+    # exact SVD: peft reloads a PiSSA adapter by running PiSSA again, reproducible only without a random sketch
+    ("pissa", "lora/config_cpu.yaml", ["--peft_method", "pissa"]),
+    ("dora", "dora/config_cpu.yaml", []),
+    ("dude", "dude/config_cpu.yaml", []),
+    ("corda", "corda/config_ipm_cpu.yaml", ["--calibration_samples", "16"]),
+    ("corda", "corda/config_ipm_cpu.yaml", ["--corda_method", "kpm", "--calibration_samples", "16",
+                                            "--calibration_text_field", "prompt,completion"]),
+])
+def test_cli_two_steps_per_method(method, recipe, extra, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("--config", os.path.join(SMOL, recipe), "--model_name_or_path", tiny_model_dir,
+                   "--output_dir", str(out), *FAST, *extra)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_finished_run(out, method)
+    assert "before:" in proc.stdout and "after:" in proc.stdout
+    assert_adapter_and_export_agree(tiny_model_dir, out)
+
+
+def test_default_run_on_smollm2_few_steps(tmp_path):
+    """The README's main job, shortened: no recipe given, the packaged SmolLM2 with DuDe on the shipped data."""
+    out = tmp_path / "default"
+    proc = run_cli("--max_steps", "3", "--eval_examples", "2", "--eval_max_new_tokens", "24", "--logging_steps", "1",
+                   "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = check_finished_run(out, "dude", steps=3)
+    assert metrics["model"].endswith("SmolLM2-135M-Instruct")
+    assert metrics["dataset"].endswith(os.path.join("trl_recipes", "data", "train.jsonl"))
+    assert "held-out exact match" in proc.stdout and "loss curve" in proc.stdout
+
+
+def test_every_recipe_parses_strictly():
+    """Every key of every recipe is a field of the SFT script's argument dataclasses (TrlParser's own check), and
+    every recipe parses into valid arguments. GPU recipes ask for bf16, which transformers refuses on a machine
+    without a GPU, so on CPU they are parsed with bf16 turned off (everything else as written)."""
+    import yaml
+
+    from trl_recipes.sft import make_parser, parse_args
+
+    recipes = sorted(glob.glob(os.path.join(RECIPES, "**", "*.yaml"), recursive=True))
+    assert len(recipes) >= 10
+    methods = set()
+    for path in recipes:
+        config = yaml.safe_load(open(path))
+        unknown = make_parser().set_defaults_with_config(**config)
+        assert unknown == [], f"{path}: unknown keys {unknown}"
+        gpu_only = config.get("bf16") and not torch.cuda.is_available()
+        _, _, _, method_args = parse_args(["--config", path] + (["--bf16", "false"] if gpu_only else []))
+        methods.add(method_args.peft_method)
+        header = open(path).read().split("\n")[0:4]
+        assert header[0].startswith("# ") and any("trl_recipes.sft --config " + os.path.relpath(path, ROOT) in h
+                                                  for h in header), f"{path}: no launch line in the header"
+    assert methods == {"lora", "pissa", "dora", "dude", "corda"}
+    smol = {os.path.relpath(p, SMOL).split(os.sep)[0] for p in recipes if p.startswith(SMOL)}
+    assert smol == methods
+
+
+def one_error_line(capsys):
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_input_exits_with_one_line_and_no_output(tmp_path, capsys):
+    from trl_recipes.sft import main
+
+    out = tmp_path / "never"
+    assert main(["--peft_method", "sparse", "--output_dir", str(out)]) == 2
+    assert "'sparse' is not one of lora, pissa, dora, dude, corda" in one_error_line(capsys)
+    assert main(["--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir", str(out)]) == 2
+    assert "missing.jsonl' does not exist" in one_error_line(capsys)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"foo": 1, "bar": "x"}\n')
+    assert main(["--dataset_name", str(bad), "--output_dir", str(out)]) == 2
+    assert "columns ['bar', 'foo']" in one_error_line(capsys)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(open(os.path.join(SMOL, "lora", "config_cpu.yaml")).read() + "lora_rank: 8\nfancy: 1\n")
+    assert main(["--config", str(recipe), "--output_dir", str(out)]) == 2
+    assert "unknown keys" in one_error_line(capsys)
+    assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in one_error_line(capsys)
+    assert main(["--max_stepz", "3", "--output_dir", str(out)]) == 2
+    assert "--max_stepz" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_question_answer_data_is_converted(tmp_path):
+    from trl_recipes.dataset import load_split, to_sft_format
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "2+2?", "answer": "4\\n#### 4"}\n{"question": "who?", "answer": ["me", "I"]}\n')
+    ds = to_sft_format(load_split(str(path)))
+    assert ds.column_names == ["prompt", "completion"] or set(ds.column_names) == {"prompt", "completion"}
+    assert ds[1]["completion"][0]["content"] == "me"
+
+
+# --- evaluation -----------------------------------------------------------------------------------------------------
+
+
+def test_scoring_helpers():
+    from trl_recipes.evaluate import final_number, knowledge_match
+
+    assert final_number("so 3 + 4 = 7.\n#### 7") == "7"
+    assert final_number("The answer is 1,250.00 dollars") == "1250"
+    assert final_number("#### -3") == "-3" and final_number("no digits") is None
+    assert knowledge_match("The Beatles.\nmore text", ["Beatles"]) and not knowledge_match("Stones", ["Beatles"])
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the evaluation data lives in ../shared/data (CI has it)")
+def test_evaluate_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("--config", os.path.join(SMOL, "dude", "config_cpu.yaml"), "--model_name_or_path",
+                   tiny_model_dir, "--output_dir", str(run), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from trl_recipes.evaluate import main
+
+    out = tmp_path / "eval"
+    rc = main(["--model", tiny_model_dir, "--adapter", str(run / "adapter"),
+               "--task_data", os.path.join(SHARED, "gsm8k", "test.jsonl"),
+               "--knowledge_data", os.path.join(SHARED, "nq_open", "NQ-open.dev.jsonl"),
+               "--num_task", "3", "--num_knowledge", "3", "--task_max_new_tokens", "8", "--output_dir", str(out)])
+    assert rc == 0
+    result = json.load(open(out / "eval.json"))
+    for side in ("before", "after"):
+        assert result[side]["task"]["n"] == 3 and result[side]["knowledge"]["n"] == 3
+        assert result[side]["task"]["answer_nll"] > 0 and result[side]["knowledge"]["gold_nll"] > 0
+    assert "task answer NLL" in open(out / "eval.md").read()
+    # a merged model is evaluated the same way
+    from peft_ext import load_adapter
+    from transformers import AutoModelForCausalLM
+
+    merged = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter")).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    assert main(["--model", tiny_model_dir, "--merged", str(tmp_path / "merged"), "--task_data",
+                 os.path.join(SHARED, "gsm8k", "test.jsonl"), "--num_task", "3", "--task_max_new_tokens", "8",
+                 "--output_dir", str(tmp_path / "eval2")]) == 0
+    merged_result = json.load(open(tmp_path / "eval2" / "eval.json"))
+    assert abs(merged_result["after"]["task"]["answer_nll"] - result["after"]["task"]["answer_nll"]) < 1e-4

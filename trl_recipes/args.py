@@ -1,0 +1,90 @@
+"""Arguments beyond TRL's, and `get_peft_config`, which (unlike TRL's) dispatches on `--peft_method`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from peft import LoraConfig
+
+from peft_ext import CorDAConfig, DuDeConfig
+
+PEFT_METHODS = ("lora", "pissa", "dora", "dude", "corda")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEFAULT_TRAIN_FILE = os.path.join(DATA_DIR, "train.jsonl")
+DEFAULT_TEST_FILE = os.path.join(DATA_DIR, "test.jsonl")
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "SmolLM2-135M-Instruct", "dude",
+                              "config_cpu.yaml")
+
+
+@dataclass
+class PeftMethodArguments:
+    """The adapter method and its options; the rank, alpha, dropout and target modules are TRL's `--lora_*` flags."""
+
+    peft_method: str = field(
+        default="dude", metadata={"help": f"Adapter method: one of {', '.join(PEFT_METHODS)}."}
+    )
+    svd_niter: Optional[int] = field(
+        default=None,
+        metadata={"help": "pissa/dude/corda-ipm: randomized SVD with this many power iterations (default: exact SVD)."},
+    )
+    svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
+    corda_method: str = field(default="ipm", metadata={"help": "corda: 'kpm' (knowledge-preserved) or 'ipm'."})
+    corda_damping: float = field(default=0.01, metadata={"help": "corda: relative damping of the covariance."})
+    calibration_dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "corda: local JSONL file or Hub dataset for calibration (default: the training data)."},
+    )
+    calibration_split: str = field(default="train", metadata={"help": "corda: split of a Hub calibration dataset."})
+    calibration_text_field: Optional[str] = field(
+        default=None,
+        metadata={"help": "corda: record field(s) to calibrate on, comma separated (default: auto, see calibrate)."},
+    )
+    calibration_samples: int = field(default=256, metadata={"help": "corda: number of calibration samples."})
+    calibration_max_length: int = field(default=256, metadata={"help": "corda: tokens per calibration sample."})
+    calibration_batch_size: int = field(default=8, metadata={"help": "corda: calibration batch size."})
+    calibration_cache: Optional[str] = field(
+        default=None, metadata={"help": "corda: safetensors cache of the covariances (read if valid, else written)."}
+    )
+    eval_examples: int = field(
+        default=3, metadata={"help": "Held-out examples answered before and after training (0: skip)."}
+    )
+    eval_max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per held-out answer."})
+    export_plain_peft: bool = field(
+        default=True, metadata={"help": "Also write a plain peft adapter (loads without peft_ext) after training."}
+    )
+
+    def __post_init__(self):
+        if self.peft_method not in PEFT_METHODS:
+            raise ValueError(f"--peft_method {self.peft_method!r} is not one of {', '.join(PEFT_METHODS)}.")
+        if self.corda_method not in ("kpm", "ipm"):
+            raise ValueError(f"--corda_method {self.corda_method!r}: use 'kpm' or 'ipm'.")
+
+
+def get_peft_config(model_args, method_args: PeftMethodArguments):
+    """The peft config for `--peft_method`, from TRL's ModelConfig (`--lora_r`, `--lora_alpha`, ...)."""
+    common = dict(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        use_rslora=model_args.use_rslora,
+        modules_to_save=model_args.lora_modules_to_save,
+        task_type=model_args.lora_task_type,
+    )
+    if isinstance(common["target_modules"], list) and common["target_modules"] == ["all-linear"]:
+        common["target_modules"] = "all-linear"
+    method = method_args.peft_method
+    if method == "lora":
+        return LoraConfig(**common, use_dora=model_args.use_dora)
+    if method == "dora":
+        return LoraConfig(**common, use_dora=True)
+    if method == "pissa":
+        init = "pissa" if method_args.svd_niter is None else f"pissa_niter_{method_args.svd_niter}"
+        return LoraConfig(**common, init_lora_weights=init)
+    if method == "dude":
+        return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed)
+    return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
+                       svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,
+                       svd_seed=method_args.svd_seed)

@@ -1,0 +1,74 @@
+"""Loading training/evaluation data: a local JSONL/JSON file or directory, or a Hub dataset name.
+
+Accepted training formats (TRL's): `messages` (conversational), `prompt` + `completion` (standard or conversational;
+completion-only loss), or a text column (`--dataset_text_field`, default `text`). Records with `question` + `answer`
+(GSM8K style) are turned into conversational prompt/completion pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+class DataError(ValueError):
+    """Bad data input; the CLI prints it as one line."""
+
+
+def load_split(name_or_path: str, split: str = "train", config: Optional[str] = None):
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars would bury a one-line error
+    try:
+        if os.path.isfile(name_or_path) or name_or_path.endswith((".jsonl", ".json")):
+            if not os.path.isfile(name_or_path):
+                raise DataError(f"dataset file '{name_or_path}' does not exist.")
+            return datasets.load_dataset("json", data_files=name_or_path, split="train")
+        try:
+            return datasets.load_dataset(name_or_path, name=config, split=split)
+        except Exception as exc:  # offline, no such dataset, no such split
+            raise DataError(
+                f"cannot load dataset '{name_or_path}' (split '{split}'): {str(exc).splitlines()[0]}"
+            ) from exc
+    finally:
+        datasets.enable_progress_bars()
+
+
+def qa_to_prompt_completion(record: dict) -> dict:
+    answer = record["answer"]
+    if isinstance(answer, (list, tuple)):
+        answer = answer[0]
+    return {"prompt": [{"role": "user", "content": str(record["question"])}],
+            "completion": [{"role": "assistant", "content": str(answer)}]}
+
+
+def to_sft_format(ds, text_field: str = "text", where: str = "dataset"):
+    """Check that `ds` has columns SFTTrainer can train on (converting question/answer); raise a DataError if not."""
+    cols = set(ds.column_names)
+    if len(ds) == 0:
+        raise DataError(f"{where} is empty.")
+    if "messages" in cols or {"prompt", "completion"} <= cols or text_field in cols:
+        return ds
+    if {"question", "answer"} <= cols:
+        return ds.map(qa_to_prompt_completion, remove_columns=sorted(cols))
+    raise DataError(
+        f"{where} has columns {sorted(cols)}; training needs 'messages', 'prompt' + 'completion', "
+        f"'question' + 'answer', or a text column (--dataset_text_field, now '{text_field}')."
+    )
+
+
+def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
+    """(chat prompt, reference answer text) of an evaluation record in any accepted format."""
+    if "prompt" in record and "completion" in record:
+        prompt = record["prompt"]
+        prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion = record["completion"]
+        reference = completion[-1]["content"] if isinstance(completion, list) else completion
+        return prompt, reference
+    if "messages" in record:
+        msgs = record["messages"]
+        return msgs[:-1], msgs[-1]["content"]
+    if "question" in record and "answer" in record:
+        answer = record["answer"]
+        return [{"role": "user", "content": str(record["question"])}], answer[0] if isinstance(answer, list) else answer
+    raise DataError(f"evaluation record with fields {sorted(record)} has no prompt/answer pair.")

@@ -1,0 +1,254 @@
+"""Task gain and knowledge retention, before vs after fine-tuning.
+
+    python -m trl_recipes.evaluate --model BASE [--adapter DIR | --merged DIR] \
+        --task_data ../shared/data/gsm8k/test.jsonl --knowledge_data ../shared/data/nq_open/NQ-open.dev.jsonl \
+        [--num_task 100] [--num_knowledge 200] --output_dir eval_out
+
+Metrics, each for the base model ("before") and the fine-tuned one ("after"):
+  * task (GSM8K style, `{"question", "answer"}` with "#### N", or prompt/completion records): exact match of the
+    final number of a greedy answer, and the answer NLL (mean per-token negative log-likelihood of the reference
+    answer given the prompt);
+  * knowledge (NQ-open style, `{"question", "answer": [...]}`): normalised exact match of a short greedy answer against
+    any gold answer, and the gold-answer NLL.
+`--adapter` takes a peft_ext adapter (loaded with `peft_ext.load_adapter`) or a plain peft one; `--merged` a merged
+model directory. Writes `eval.json` and `eval.md` into `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import string
+import sys
+from typing import Optional
+
+import torch
+
+from .dataset import DataError, prompt_and_reference
+
+KNOWLEDGE_INSTRUCTION = "Answer the question with a short phrase only.\nQuestion: {question}"
+
+
+# --- scoring ----------------------------------------------------------------------------------------------------------
+
+
+def final_number(text: str) -> Optional[str]:
+    """The answer number: what follows '####' if present, else the last number in the text; normalised."""
+    if "####" in text:
+        text = text.split("####")[-1]
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    if not nums:
+        return None
+    n = nums[0] if "####" in text else nums[-1]
+    n = n.replace(",", "")
+    if "." in n:
+        n = n.rstrip("0").rstrip(".")
+    return n
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD/NQ normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def knowledge_match(prediction: str, golds: list[str]) -> bool:
+    pred = normalize_answer(prediction.strip().split("\n")[0])
+    return any(pred == normalize_answer(g) for g in golds)
+
+
+# --- model calls --------------------------------------------------------------------------------------------------
+
+
+def _chat_text(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+    """Greedy answers to chat prompts (batched, left padding)."""
+    model.eval()
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outs = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [_chat_text(tokenizer, p, True) for p in prompts[i : i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return [o.strip() for o in outs]
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8) -> list[float]:
+    """Mean per-token NLL of each answer given its chat prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        rows = []
+        for p, a in zip(prompts[i : i + batch_size], answers[i : i + batch_size]):
+            prompt_ids = tokenizer(_chat_text(tokenizer, p, True), add_special_tokens=False)["input_ids"]
+            full = tokenizer(_chat_text(tokenizer, p + [{"role": "assistant", "content": a}], False),
+                             add_special_tokens=False)["input_ids"]
+            rows.append((full, len(prompt_ids)))
+        width = max(len(f) for f, _ in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, (full, n_prompt) in enumerate(rows):
+            ids[j, : len(full)] = torch.tensor(full)
+            labels[j, n_prompt : len(full)] = torch.tensor(full[n_prompt:])
+            mask[j, : len(full)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tgt = labels[:, 1:].to(device)
+        valid = tgt != -100
+        nll = -logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+        out += (nll.sum(1) / valid.sum(1).clamp_min(1)).tolist()
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+
+def read_records(path: str, n: int) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"evaluation file '{path}' does not exist.")
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        raise DataError(f"evaluation file '{path}' is empty.")
+    return records[:n]
+
+
+def evaluate_task(model, tokenizer, records: list[dict], max_new_tokens: int = 256, batch_size: int = 8) -> dict:
+    prompts, refs = zip(*(prompt_and_reference(r) for r in records))
+    preds = generate(model, tokenizer, list(prompts), max_new_tokens, batch_size)
+    em = [final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(preds, refs)]
+    nll = answer_nll(model, tokenizer, list(prompts), list(refs), batch_size)
+    return {"exact_match": sum(em) / len(em), "answer_nll": sum(nll) / len(nll), "n": len(records),
+            "examples": [{"prompt": p[-1]["content"], "reference": r, "prediction": g}
+                         for p, r, g in zip(prompts[:5], refs[:5], preds[:5])]}
+
+
+def evaluate_knowledge(model, tokenizer, records: list[dict], max_new_tokens: int = 16, batch_size: int = 8) -> dict:
+    prompts = [[{"role": "user", "content": KNOWLEDGE_INSTRUCTION.format(question=r["question"])}] for r in records]
+    golds = [r["answer"] if isinstance(r["answer"], list) else [r["answer"]] for r in records]
+    preds = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    em = [knowledge_match(p, g) for p, g in zip(preds, golds)]
+    nll = answer_nll(model, tokenizer, prompts, [g[0] for g in golds], batch_size)
+    return {"exact_match": sum(em) / len(em), "gold_nll": sum(nll) / len(nll), "n": len(records),
+            "examples": [{"question": r["question"], "gold": g, "prediction": p}
+                         for r, g, p in zip(records[:5], golds[:5], preds[:5])]}
+
+
+def evaluate(model, tokenizer, task_records=None, knowledge_records=None, *, task_max_new_tokens: int = 256,
+             batch_size: int = 8) -> dict:
+    out = {}
+    if task_records:
+        out["task"] = evaluate_task(model, tokenizer, task_records, task_max_new_tokens, batch_size)
+    if knowledge_records:
+        out["knowledge"] = evaluate_knowledge(model, tokenizer, knowledge_records, batch_size=batch_size)
+    return out
+
+
+METRICS = [("task", "exact_match", "task exact match (final number) ↑"), ("task", "answer_nll", "task answer NLL ↓"),
+           ("knowledge", "exact_match", "knowledge exact match ↑"), ("knowledge", "gold_nll", "knowledge gold NLL ↓")]
+
+
+def markdown(before: dict, after: Optional[dict]) -> str:
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for part, key, label in METRICS:
+        if part not in before:
+            continue
+        b = before[part][key]
+        if after is None:
+            lines.append(f"| {label} | {b:.4f} | | |")
+        else:
+            a = after[part][key]
+            lines.append(f"| {label} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+    return "\n".join(lines)
+
+
+def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optional[str] = None, dtype=torch.float32):
+    """(before model, after model or None, tokenizer); the after model wraps the before one in place."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import resolve_model_path
+
+    base_path = resolve_model_path(base_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    if merged:
+        return base, (lambda: AutoModelForCausalLM.from_pretrained(merged, dtype=dtype)), tokenizer
+    if adapter:
+        config_file = os.path.join(adapter, "adapter_config.json")
+        if not os.path.isfile(config_file):
+            raise DataError(f"--adapter '{adapter}' has no adapter_config.json.")
+        with open(config_file) as f:
+            is_peft_ext = "peft_ext_method" in json.load(f)
+
+        def after():
+            if is_peft_ext:
+                import peft_ext
+
+                return peft_ext.load_adapter(base, adapter)
+            return PeftModel.from_pretrained(base, adapter)
+
+        return base, after, tokenizer
+    return base, None, tokenizer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="base model path or name (default: the packaged SmolLM2-135M)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--adapter", help="adapter directory (peft_ext or plain peft) to evaluate against the base")
+    group.add_argument("--merged", help="merged model directory to evaluate against the base")
+    ap.add_argument("--task_data", help="GSM8K-style JSONL (question/answer or prompt/completion)")
+    ap.add_argument("--knowledge_data", help="NQ-open-style JSONL (question, answer list)")
+    ap.add_argument("--num_task", type=int, default=50)
+    ap.add_argument("--num_knowledge", type=int, default=100)
+    ap.add_argument("--task_max_new_tokens", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--output_dir", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if not args.task_data and not args.knowledge_data:
+            raise DataError("give --task_data and/or --knowledge_data.")
+        task = read_records(args.task_data, args.num_task) if args.task_data else None
+        knowledge = read_records(args.knowledge_data, args.num_knowledge) if args.knowledge_data else None
+        before_model, after_fn, tokenizer = load_for_eval(args.model, args.adapter, args.merged)
+    except (DataError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    kwargs = dict(task_max_new_tokens=args.task_max_new_tokens, batch_size=args.batch_size)
+    before = evaluate(before_model, tokenizer, task, knowledge, **kwargs)
+    after = evaluate(after_fn(), tokenizer, task, knowledge, **kwargs) if after_fn else None
+    result = {"model": args.model, "adapter": args.adapter, "merged": args.merged, "before": before, "after": after}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(before, after)
+    with open(os.path.join(args.output_dir, "eval.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"written: {os.path.join(args.output_dir, 'eval.json')}, {os.path.join(args.output_dir, 'eval.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Supervised fine-tuning with LoRA, PiSSA, DoRA, DuDe or CorDA, on TRL's SFTTrainer.
+
+    python -m trl_recipes.sft                                   # the default run: DuDe on SmolLM2-135M, this CPU
+    python -m trl_recipes.sft --config trl_recipes/recipes/SmolLM2-135M-Instruct/corda/config_kpm_cpu.yaml
+    python -m trl_recipes.sft --config <recipe.yaml> --peft_method lora --max_steps 50 --output_dir outputs/x
+    peft-ext-sft ...                                            # the same, as a console script
+
+TRL's flags all work (`--model_name_or_path`, `--dataset_name` (a Hub name or a local JSONL file), `--packing`,
+`--gradient_checkpointing`, `--load_in_8bit`, `--learning_rate`, `--lora_r`, `--lora_alpha`, `--lora_target_modules`,
+...), plus `--peft_method lora|pissa|dora|dude|corda` and its options (see `trl_recipes/args.py`). A recipe YAML
+gives defaults, command-line flags override it, and unknown keys are an error.
+
+The run: load the model; answer a few held-out examples; for CorDA, calibrate on `--calibration_dataset` (default:
+the training prompts) before the model is wrapped; train; save the adapter (`adapter/`), a plain peft export that loads
+without peft_ext (`adapter_plain_peft/`), `metrics.json` and `loss_curve.png`; answer the held-out examples again and
+print the comparison. `metrics.json` is written last: its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from .args import DEFAULT_RECIPE, DEFAULT_TEST_FILE, DEFAULT_TRAIN_FILE, PeftMethodArguments, get_peft_config
+from .dataset import DataError, load_split, prompt_and_reference, to_sft_format
+
+
+class RecipeError(ValueError):
+    """Bad command-line or recipe input: printed as one line, exit status 2."""
+
+
+def make_parser():
+    from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments), prog="trl_recipes.sft")
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", DEFAULT_RECIPE, *argv]
+    config_path = argv[argv.index("--config") + 1]
+    if not os.path.isfile(config_path):
+        raise RecipeError(f"recipe '{config_path}' does not exist.")
+    try:
+        return make_parser().parse_args_and_config(argv, fail_with_unknown_args=True)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "Unknown arguments from config file" in msg:
+            msg = f"recipe '{config_path}' has unknown keys: {msg.split(':', 1)[1].strip()}"
+        raise RecipeError(msg) from exc
+
+
+def load_datasets(script_args, training_args, method_args):
+    """(train dataset, held-out records) — validated before anything is written."""
+    name = script_args.dataset_name or DEFAULT_TRAIN_FILE
+    train = to_sft_format(load_split(name, script_args.dataset_train_split, script_args.dataset_config),
+                          training_args.dataset_text_field, where=f"dataset '{name}'")
+    held_out = []
+    if method_args.eval_examples > 0:
+        if script_args.dataset_name is None:
+            test = load_split(DEFAULT_TEST_FILE)
+        elif os.path.isfile(name):
+            test = None
+        else:
+            try:
+                test = load_split(name, script_args.dataset_test_split, script_args.dataset_config)
+            except DataError:
+                test = None
+        if test is None:  # hold out the last examples of the training data
+            n = min(method_args.eval_examples, max(len(train) // 10, 1))
+            test, train = train.select(range(len(train) - n, len(train))), train.select(range(len(train) - n))
+        records = [test[i] for i in range(min(method_args.eval_examples, len(test)))]
+        try:
+            held_out = [prompt_and_reference(r) for r in records]
+        except DataError:
+            held_out = []  # e.g. plain text data: nothing to answer
+    return train, held_out
+
+
+def calibration_data(method_args, train):
+    if method_args.calibration_dataset:
+        return load_split(method_args.calibration_dataset, method_args.calibration_split)
+    return train  # records with messages / prompt / text: calibrate picks the field
+
+
+def plot_loss(history: list[tuple[int, float]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        steps, losses = zip(*history)
+        ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(argv=None) -> dict:
+    script_args, training_args, model_args, method_args = parse_args(argv)
+    train, held_out = load_datasets(script_args, training_args, method_args)
+
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer, get_quantization_config
+
+    from peft_ext import calibrate, export_peft_adapter
+
+    from .evaluate import final_number, generate
+    from .models import resolve_model_path
+
+    state = PartialState()  # initialises torch.distributed under accelerate/deepspeed launchers
+    main_process = state.is_main_process
+    log = print if main_process else (lambda *a, **k: None)
+    if not torch.cuda.is_available() and (training_args.bf16 or training_args.fp16):
+        log("[trl_recipes] no GPU: training in float32 (a bf16 matmul is ~100× slower than fp32 on this kind of CPU)")
+        training_args.bf16 = training_args.fp16 = False
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    quantization = get_quantization_config(model_args)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, revision=model_args.model_revision, dtype=dtype or torch.float32,
+        attn_implementation=model_args.attn_implementation, quantization_config=quantization,
+        device_map=({"": state.local_process_index} if quantization is not None and torch.cuda.is_available() else None),
+    )
+    if quantization is None and torch.cuda.is_available():
+        model.to(state.device)  # the held-out answers and the CorDA calibration run before the trainer places it
+
+    out_dir = training_args.output_dir
+    log(f"[trl_recipes] {method_args.peft_method} on {model_path}: {len(train)} training examples -> {out_dir}")
+    before = generate(model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
+
+    peft_config = get_peft_config(model_args, method_args)
+    if method_args.peft_method == "corda":
+        text_field = method_args.calibration_text_field
+        calibrate(model, peft_config, calibration_data(method_args, train), tokenizer=tokenizer,
+                  num_samples=method_args.calibration_samples, max_length=method_args.calibration_max_length,
+                  batch_size=method_args.calibration_batch_size, seed=method_args.svd_seed,
+                  text_field=text_field.split(",") if text_field and "," in text_field else text_field,
+                  cache_file=method_args.calibration_cache, verbose=main_process)
+
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft_config)
+    pissa_init_dir = os.path.join(out_dir, "pissa_init")  # peft uses the folder name as an adapter name
+    if method_args.peft_method == "pissa" and main_process:
+        # peft's route to a plain adapter for PiSSA: keep the initial factors, convert at save time
+        init = trainer.model.peft_config["default"].init_lora_weights
+        trainer.model.peft_config["default"].init_lora_weights = True
+        trainer.model.save_pretrained(pissa_init_dir)
+        trainer.model.peft_config["default"].init_lora_weights = init
+
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    train_seconds = time.time() - t0
+
+    adapter_dir = os.path.join(out_dir, "adapter")
+    plain_dir = os.path.join(out_dir, "adapter_plain_peft")
+    trainer.save_model(adapter_dir)
+    peft_model = trainer.model
+    after = generate(peft_model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
+    if not main_process:
+        return {}
+    if method_args.export_plain_peft:
+        if method_args.peft_method in ("dude", "corda"):
+            export_peft_adapter(peft_model, plain_dir)
+        elif method_args.peft_method == "pissa":
+            peft_model.save_pretrained(plain_dir, path_initial_model_for_weight_conversion=pissa_init_dir)
+        else:  # lora / dora adapters are plain peft already
+            peft_model.save_pretrained(plain_dir)
+    shutil.rmtree(pissa_init_dir, ignore_errors=True)
+
+    history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    plot_loss(history, os.path.join(out_dir, "loss_curve.png"),
+              f"{method_args.peft_method} on {os.path.basename(model_path.rstrip('/'))}")
+    examples = [
+        {"prompt": p[-1]["content"], "reference": ref, "before": b, "after": a,
+         "correct_before": final_number(b) is not None and final_number(b) == final_number(ref),
+         "correct_after": final_number(a) is not None and final_number(a) == final_number(ref)}
+        for (p, ref), b, a in zip(held_out, before, after)
+    ]
+    metrics = {
+        "peft_method": method_args.peft_method,
+        "model": model_path,
+        "dataset": script_args.dataset_name or DEFAULT_TRAIN_FILE,
+        "train_examples": len(train),
+        "global_steps": trainer.state.global_step,
+        "train_seconds": train_seconds,
+        "seconds_per_step": train_seconds / max(trainer.state.global_step, 1),
+        "final_loss": history[-1][1] if history else None,
+        "loss_history": history,
+        "held_out_exact_match_before": (sum(e["correct_before"] for e in examples) / len(examples)) if examples else None,
+        "held_out_exact_match_after": (sum(e["correct_after"] for e in examples) / len(examples)) if examples else None,
+        "held_out_examples": examples,
+        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "adapter_dir": adapter_dir,
+        "plain_peft_dir": plain_dir if method_args.export_plain_peft else None,
+        "peft_config": json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=str)),
+    }
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:  # last: marks the run as finished
+        json.dump(metrics, f, indent=1)
+
+    print(f"\n[trl_recipes] done in {train_seconds:.0f} s ({trainer.state.global_step} steps)")
+    print(f"  adapter:            {adapter_dir}")
+    if method_args.export_plain_peft:
+        print(f"  plain peft adapter: {plain_dir}   (PeftModel.from_pretrained, no peft_ext needed)")
+    print(f"  metrics:            {os.path.join(out_dir, 'metrics.json')}")
+    print(f"  loss curve:         {os.path.join(out_dir, 'loss_curve.png')}")
+    for e in examples[:3]:
+        print(f"\n  Q: {e['prompt']}\n  reference: {e['reference']!r}\n  before:    {e['before']!r}\n"
+              f"  after:     {e['after']!r}")
+    if examples:
+        print(f"\n  held-out exact match (final number): {metrics['held_out_exact_match_before']:.2f} -> "
+              f"{metrics['held_out_exact_match_after']:.2f} on {len(examples)} examples")
+    return metrics
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except (RecipeError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
