@@ -120,30 +120,41 @@ def _plain_config(config: PeftExtConfig) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def export_peft_adapter(peft_model: PeftModel, output_dir: str, adapter_name: str = "default") -> str:
+def export_peft_adapter(model_or_dir, output_dir: str, adapter_name: str = "default") -> str:
     """Write a plain peft LoRA (DoRA for DuDe) adapter of rank 2r that applies to the *original* base weights.
 
-    The directory loads with `peft.PeftModel.from_pretrained(base_model, output_dir)` in an environment without
-    peft_ext. Returns `output_dir`.
+    `model_or_dir` is the PeftModel (from get_peft_model or `load_adapter`), or the directory `save_pretrained` wrote:
+    the export is a transformation of the adapter's state dict, so a saved directory needs no model (useful after
+    DeepSpeed ZeRO-3 training, where the live parameters are partitioned). The result loads with
+    `peft.PeftModel.from_pretrained(base_model, output_dir)` in an environment without peft_ext. Returns `output_dir`.
     """
-    config = peft_model.peft_config.get(adapter_name)
-    if not isinstance(config, PeftExtConfig):
-        raise ValueError(
-            f"peft_ext.export_peft_adapter: adapter '{adapter_name}' is a {type(config).__name__}, not a DuDe/CorDA "
-            f"adapter. Fix: pass the PeftModel returned by get_peft_model(model, DuDeConfig/CorDAConfig) or "
-            f"peft_ext.load_adapter; a plain peft adapter needs no export."
-        )
-    for name, module in peft_model.named_modules():
-        if isinstance(module, PeftExtLinear) and adapter_name in module.merged_adapters:
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        config = load_config(os.fspath(model_or_dir))
+        state = load_peft_weights(os.fspath(model_or_dir), device="cpu")
+    else:
+        config = model_or_dir.peft_config.get(adapter_name)
+        if not isinstance(config, PeftExtConfig):
             raise ValueError(
-                f"peft_ext.export_peft_adapter: adapter '{adapter_name}' is merged into layer '{name}'. "
-                f"Fix: call unmerge_adapter() first."
+                f"peft_ext.export_peft_adapter: adapter '{adapter_name}' is a {type(config).__name__}, not a DuDe/CorDA "
+                f"adapter. Fix: pass the PeftModel returned by get_peft_model(model, DuDeConfig/CorDAConfig) or "
+                f"peft_ext.load_adapter; a plain peft adapter needs no export."
             )
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+        for name, module in model_or_dir.named_modules():
+            if isinstance(module, PeftExtLinear) and adapter_name in module.merged_adapters:
+                raise ValueError(
+                    f"peft_ext.export_peft_adapter: adapter '{adapter_name}' is merged into layer '{name}'. "
+                    f"Fix: call unmerge_adapter() first."
+                )
+        state = get_peft_model_state_dict(model_or_dir, adapter_name=adapter_name)
     exported: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if key.endswith(_INIT_SUFFIXES):
             continue
+        if value.numel() == 0:
+            raise ValueError(
+                f"peft_ext.export_peft_adapter: '{key}' is empty (a DeepSpeed ZeRO-3 partition?). Fix: export from "
+                f"the directory the trainer saved (export_peft_adapter(adapter_dir, out_dir))."
+            )
         if key.endswith(".lora_A.weight"):
             init = state[key[: -len(".lora_A.weight")] + ".lora_init_A"]
             value = torch.cat([value.float(), init.float()], dim=0)

@@ -293,7 +293,7 @@ def test_export_with_rank_alpha_patterns_and_rslora(tmp_path):
     assert rel_err(run_plain_peft("qwen2", out_dir, x, tmp_path, merge=True), trained) <= 1e-4
 
 
-def test_export_of_a_reloaded_adapter(tmp_path):
+def test_export_of_a_reloaded_adapter_and_of_a_saved_directory(tmp_path):
     x = sample_input()
     model = trained_dude("mistral")
     trained = logits(model, x)
@@ -301,6 +301,11 @@ def test_export_of_a_reloaded_adapter(tmp_path):
     reloaded = load_adapter(make_tiny("mistral"), str(tmp_path / "saved"))
     out_dir = export_peft_adapter(reloaded, str(tmp_path / "export"))
     assert rel_err(run_plain_peft("mistral", out_dir, x, tmp_path), trained) <= 1e-4
+    from_dir = export_peft_adapter(str(tmp_path / "saved"), str(tmp_path / "export_dir"))
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (out_dir, from_dir))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_export_refuses_plain_lora_and_merged(tmp_path):

@@ -175,7 +175,7 @@ def run(argv=None) -> dict:
         return {}
     if method_args.export_plain_peft:
         if method_args.peft_method in ("dude", "corda"):
-            export_peft_adapter(peft_model, plain_dir)
+            export_peft_adapter(adapter_dir, plain_dir)  # from the saved files: complete even under ZeRO-3
         elif method_args.peft_method == "pissa":
             peft_model.save_pretrained(plain_dir, path_initial_model_for_weight_conversion=pissa_init_dir)
         else:  # lora / dora adapters are plain peft already
