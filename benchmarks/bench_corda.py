@@ -164,7 +164,7 @@ def main() -> None:
                 extra = median([r["peak_rss_mb"] - r["rss_loaded_mb"] for r in res[(kind, mode)]])
                 rows.append([mode.upper(), label, cal, dec, cal + dec, extra])
             fwd = med("forward", mode, "forward_s")
-            rows.append([mode.upper(), f"plain forward, same batches (reference)", fwd, "", "", ""])
+            rows.append([mode.upper(), "plain forward, same batches (reference)", fwd, "", "", ""])
             total = {k: med(k, mode, "calibration_s") + med(k, mode, "decomposition_s") for k in ("peft", "ours")}
             extra = {k: median([r["peak_rss_mb"] - r["rss_loaded_mb"] for r in res[(k, mode)]])
                      for k in ("peft", "ours")}

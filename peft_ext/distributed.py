@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -56,3 +58,43 @@ def barrier() -> None:
 def is_zero3_partitioned(model: torch.nn.Module) -> bool:
     """True when DeepSpeed ZeRO-3 has partitioned the model's parameters (they carry `ds_id`)."""
     return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def zero3_gather_hooks(model: torch.nn.Module) -> list:
+    """Forward hooks that gather each module's own ZeRO-3 partitioned parameters while it runs and release them after.
+
+    Lets a partitioned model run forward passes before (or without) the DeepSpeed engine, e.g. for CorDA calibration,
+    holding only one module's full weights at a time. Every rank must run the same forward passes (collectives).
+    Returns the hook handles; remove them when done.
+    """
+    import deepspeed
+
+    handles, open_ctx = [], {}
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+        if not params:
+            continue
+
+        def pre_hook(mod, args, _params=params):
+            ctx = deepspeed.zero.GatheredParameters(_params, modifier_rank=None)
+            ctx.__enter__()
+            open_ctx.setdefault(id(mod), []).append(ctx)
+
+        def post_hook(mod, args, output):
+            open_ctx[id(mod)].pop().__exit__(None, None, None)
+
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(post_hook))
+    return handles
+
+
+@contextmanager
+def gathered_forward(model: torch.nn.Module):
+    """Forward passes through a ZeRO-3 partitioned model outside its engine (see `zero3_gather_hooks`); a no-op for
+    other models."""
+    handles = zero3_gather_hooks(model) if is_zero3_partitioned(model) else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .distributed import broadcast_, dist_info
 from .linalg import dora_row_norm, safe_norm
 
 
@@ -283,7 +284,12 @@ class PeftExtLinear(LoraLinear):
                     f"Fix: check the base weight (and the calibration data for CorDA)."
                 )
             magnitude = torch.linalg.vector_norm(W, dim=1)
-        return _InitState(lora_A.contiguous(), lora_B.contiguous(), magnitude, scaling)
+        lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
+        if hasattr(weight, "ds_id") and dist_info()[1] > 1:
+            # ZeRO-3: every rank decomposed the same gathered weight; make the result identical by construction
+            for t in (lora_A, lora_B, magnitude):
+                broadcast_(t, src=0)
+        return _InitState(lora_A, lora_B, magnitude, scaling)
 
     def reset_lora_parameters(self, adapter_name, init_lora_weights):
         state = getattr(self, "_peft_ext_state", {}).get(adapter_name)

@@ -17,25 +17,6 @@ RECIPES = os.path.join(ROOT, "trl_recipes", "recipes")
 SMOL = os.path.join(RECIPES, "SmolLM2-135M-Instruct")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (so the CLI runs end to end fast)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from trl_recipes.models import default_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-smol")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def run_cli(*args, cwd=ROOT, timeout=900):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "trl_recipes.sft", *args], capture_output=True, text=True,

@@ -104,7 +104,28 @@ def plot_loss(history: list[tuple[int, float]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def init_distributed_on_cpu() -> bool:
+    """Under a DeepSpeed launcher without GPUs, start the process group on gloo before anything reads the world size
+    (TRL's argument parsing fills DeepSpeed's "auto" batch sizes from it, and ZeRO-3 partitions at model load).
+
+    accelerate finds no backend on a CPU-only DeepSpeed launch and would count one process, so the shared state is
+    created here with gloo; the caller then tells TrainingArguments to use it instead of resetting it."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true" or torch.cuda.is_available():
+        return False
+    import deepspeed
+    from accelerate import PartialState
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    PartialState(backend="gloo")
+    return True
+
+
 def run(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if init_distributed_on_cpu():
+        argv += ["--accelerator_config", json.dumps({"use_configured_state": True})]
     script_args, training_args, model_args, method_args = parse_args(argv)
     train, held_out = load_datasets(script_args, training_args, method_args)
 
@@ -113,9 +134,10 @@ def run(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer, get_quantization_config
 
-    from peft_ext import calibrate, export_peft_adapter
+    from peft_ext import calibrate
+    from peft_ext.distributed import gathered_forward
 
-    from .evaluate import final_number, generate
+    from .evaluate import generate
     from .models import resolve_model_path
 
     state = PartialState()  # initialises torch.distributed under accelerate/deepspeed launchers
@@ -141,7 +163,8 @@ def run(argv=None) -> dict:
 
     out_dir = training_args.output_dir
     log(f"[trl_recipes] {method_args.peft_method} on {model_path}: {len(train)} training examples -> {out_dir}")
-    before = generate(model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
+    with gathered_forward(model):  # under ZeRO-3 the model is partitioned and has no engine yet
+        before = generate(model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
 
     peft_config = get_peft_config(model_args, method_args)
     if method_args.peft_method == "corda":
@@ -171,8 +194,23 @@ def run(argv=None) -> dict:
     trainer.save_model(adapter_dir)
     peft_model = trainer.model
     after = generate(peft_model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
-    if not main_process:
-        return {}
+    metrics = {}
+    if main_process:
+        metrics = finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir,
+                             peft_model, trainer, train, held_out, before, after, train_seconds)
+    state.wait_for_everyone()  # the other ranks leave together with the main one (gloo aborts on a ragged exit)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir, peft_model,
+               trainer, train, held_out, before, after, train_seconds) -> dict:
+    """Main process: export, loss curve, metrics.json (last) and the printed summary."""
+    from peft_ext import export_peft_adapter
+
+    from .evaluate import final_number
+
     if method_args.export_plain_peft:
         if method_args.peft_method in ("dude", "corda"):
             export_peft_adapter(adapter_dir, plain_dir)  # from the saved files: complete even under ZeRO-3

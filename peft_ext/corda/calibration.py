@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..distributed import all_reduce_max, all_reduce_sum, barrier, dist_info, is_zero3_partitioned
+from ..distributed import all_reduce_max, all_reduce_sum, barrier, dist_info, gathered_forward, is_zero3_partitioned
 from .decomposition import damped_cholesky
 
 
@@ -536,43 +536,42 @@ def calibrate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # ZeRO-3 without its engine: `gathered_forward` gathers each module's weights while it runs; a forward stopped
+    # midway would leave gathered weights behind, so no early exit there
     collector.early_exit = early_exit = not is_zero3_partitioned(model)
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    try:
-        bar = tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose or rank != 0)
-        for i in bar:
-            if i < len(batches):
-                batch = batches[i]
-            else:  # an idle rank: one padding-only forward that contributes nothing
-                batch = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
-                         "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
-            collector.batch_index = i
-            collector.mask = batch["attention_mask"].to(device).bool()
-            collector.no_padding = bool(collector.mask.all())
-            try:
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      **extra)
-            except _StopForward:
-                pass
-            if collector.first:
-                collector.first = False
-                missing = sorted(set(names) - set(collector.order))
-                if missing:
-                    raise ValueError(f"peft_ext.calibrate: target layer '{missing[0]}' (and {len(missing) - 1} more) "
-                                     f"never ran in the forward pass, so it has no input covariance. Fix: leave it out "
-                                     f"of target_modules.")
-                if early_exit:
-                    collector.stop_after = collector.order[-1]
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with gathered_forward(model):
+        try:
+            bar = tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose or rank != 0)
+            for i in bar:
+                if i < len(batches):
+                    batch = batches[i]
+                else:  # an idle rank: one padding-only forward that contributes nothing
+                    batch = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
+                             "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
+                collector.batch_index = i
+                collector.mask = batch["attention_mask"].to(device).bool()
+                collector.no_padding = bool(collector.mask.all())
+                try:
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          **extra)
+                except _StopForward:
+                    pass
+                if collector.first:
+                    collector.first = False
+                    missing = sorted(set(names) - set(collector.order))
+                    if missing:
+                        raise ValueError(f"peft_ext.calibrate: target layer '{missing[0]}' (and {len(missing) - 1} more) "
+                                         f"never ran in the forward pass, so it has no input covariance. Fix: leave it out "
+                                         f"of target_modules.")
+                    if early_exit:
+                        collector.stop_after = collector.order[-1]
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
 
-    groups = collector.groups
-    for g in groups:
-        if g._sum is None:  # this rank saw no real token
-            g._sum = torch.zeros(modules[g.members[0]].in_features if isinstance(modules[g.members[0]], nn.Linear)
-                                 else modules[g.members[0]].weight.shape[0], dtype=covariance_dtype, device=device)
+    groups = collector.groups  # every group's sum exists: the first batch creates it, even from zero real tokens
     if world > 1:
         for g in groups:
             all_reduce_sum(g._sum)

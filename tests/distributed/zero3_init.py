@@ -1,0 +1,92 @@
+"""Launched by tests/test_distributed.py under `accelerate launch --config_file tests/distributed/zero3_cpu.yaml`:
+build a ZeRO-3 partitioned tiny model, initialise a DuDe or CorDA adapter on it, gather what every layer holds and
+save it from rank 0 (plus the CorDA covariances), for comparison with a single-process run.
+
+usage: zero3_init.py METHOD MODEL_DIR OUT_PT     METHOD: dude | corda-kpm | corda-ipm
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+
+
+def build(method, model, calibration_batches):
+    from peft import get_peft_model
+
+    from peft_ext import CorDAConfig, DuDeConfig, calibrate
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    covariances = {}
+    if method == "dude":
+        config = DuDeConfig(r=4, lora_alpha=8, target_modules=targets, svd_niter=2)
+    else:
+        config = CorDAConfig(r=4, lora_alpha=8, target_modules=targets, corda_method=method.split("-")[1])
+        # float64 sums: 2 shards all-reduced and 1 pass over all of it then differ by less than 1e-6 even in KPM's
+        # smallest components, which amplify the float32 rounding of a different summation order to ~2e-6
+        calib = calibrate(model, config, calibration_batches, covariance_dtype=torch.float64, verbose=False)
+        covariances = {n: calib.group(n).covariance.clone() for n in calib.targets}
+    return get_peft_model(model, config), covariances
+
+
+def collect(peft_model):
+    """name -> {A, B, magnitude, residual} as full tensors (gathered under ZeRO-3)."""
+    from peft.utils.integrations import gather_params_ctx
+
+    from peft_ext.layer import PeftExtLinear
+
+    out = {}
+    for name, layer in peft_model.named_modules():
+        if not isinstance(layer, PeftExtLinear):
+            continue
+        params = [layer.get_base_layer().weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        if "default" in layer.lora_magnitude_vector:
+            params.append(layer.lora_magnitude_vector["default"].weight)
+        with gather_params_ctx(params, modifier_rank=None):
+            out[name] = {"residual": params[0].detach().clone(), "A": params[1].detach().clone(),
+                         "B": params[2].detach().clone()}
+            if len(params) == 4:
+                out[name]["magnitude"] = params[3].detach().clone()
+    return out
+
+
+def calibration_batches():
+    from peft_ext.corda.calibration import batch_rows
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(1, 1000, (int(n),), generator=g).tolist() for n in torch.randint(6, 30, (12,), generator=g)]
+    return batch_rows(rows, 3, 0)
+
+
+def main(method, model_dir, out):
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from trl_recipes.sft import init_distributed_on_cpu
+
+    assert init_distributed_on_cpu()
+    import torch.distributed as dist
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ds = json.load(open(os.path.join(root, "tests", "distributed", "ds_zero3_cpu.json")))
+    ds.update(train_micro_batch_size_per_gpu=1, train_batch_size=dist.get_world_size(), gradient_accumulation_steps=1)
+    ds["bf16"] = {"enabled": False}
+    ds["fp16"] = {"enabled": False}
+    hf_ds_config = HfDeepSpeedConfig(ds)  # while referenced, from_pretrained builds the model partitioned (zero.Init)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert hf_ds_config.is_zero3()
+    assert all(hasattr(p, "ds_id") for p in model.parameters()), "the model is not ZeRO-3 partitioned"
+    batches = calibration_batches()[dist.get_rank()::dist.get_world_size()]  # each rank its shard
+    peft_model, covariances = build(method, model, batches)
+    result = {"layers": collect(peft_model), "covariances": covariances, "world_size": dist.get_world_size()}
+    if dist.get_rank() == 0:
+        torch.save(result, out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
