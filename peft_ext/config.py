@@ -8,9 +8,8 @@ from typing import ClassVar, Optional, Union
 import torch
 from peft import LoraConfig
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .layer import PEFT_EXT_INIT, PeftExtLinear, UnsupportedTarget
+from .layer import PEFT_EXT_INIT, create_peft_ext_layer
 
 
 __version__ = "0.1.0"
@@ -98,8 +97,8 @@ class PeftExtConfig(LoraConfig):
                     f"{cls_name}: {name}={getattr(self, name)!r} is not supported: these methods rewrite each "
                     f"target's base weight. Fix: unset {name}."
                 )
-        # nn.Linear and Conv1D get our layer; anything else that target_modules matches gets a clear error
-        self._register_custom_module({nn.Linear: PeftExtLinear, Conv1D: PeftExtLinear, nn.Module: UnsupportedTarget})
+        # every matched module goes through our dispatcher: the right layer class, or a clear error
+        self._register_custom_module({nn.Module: create_peft_ext_layer})
 
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str

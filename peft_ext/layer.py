@@ -29,7 +29,12 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
-from peft.utils.integrations import dequantize_module_weight, gather_params_ctx
+from peft.utils.integrations import (
+    dequantize_bnb_weight,
+    dequantize_module_weight,
+    gather_params_ctx,
+    get_bnb_param_type,
+)
 from peft.utils.other import transpose
 from torch import nn
 from tqdm.auto import tqdm
@@ -126,6 +131,31 @@ def subtract_init_product_(
         weight.copy_(torch.addmm(weight.float(), B, A, alpha=-scaling))
 
 
+def dequantized_weight(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as a float tensor (bitsandbytes weights dequantized), without side effects.
+
+    Two bitsandbytes CPU behaviours that peft's `dequantize_module_weight` does not handle:
+    * it re-assigns an 8-bit CPU weight through `Int8Params.to()`, which leaves int8 data without row scales; the next
+      forward copies `SCB=None` into the layer state and fails (the DoRA norm dequantizes on every step);
+    * on CPUs with AVX512-BF16, a no-grad forward repacks a 4-bit weight in place for the CPU kernel
+      (`quant_state.packing_format_for_cpu`), and `dequantize_4bit` then reads the packed layout as garbage. A copy
+      is converted back to the standard layout (bitsandbytes' own inverse, which it applies before saving a state
+      dict); the live weight stays packed, so the layer keeps computing the same way.
+    """
+    weight = base.weight
+    kind = get_bnb_param_type(weight)
+    if kind == "8bit":
+        return dequantize_bnb_weight(weight, state=base.state)
+    if kind == "4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
+        import copy
+
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
+
+        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(weight.quant_state))
+        return dequantize_4bit(data, state)
+    return dequantize_module_weight(base)
+
+
 class PeftExtMagnitude(DoraLinearLayer):
     """DoRA magnitude over a residual-init direction: float32, zero-row safe, factored row norm."""
 
@@ -138,7 +168,7 @@ class PeftExtMagnitude(DoraLinearLayer):
         return safe_norm(torch.linalg.vector_norm(weight, dim=1))
 
     def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
-        weight = transpose(dequantize_module_weight(base_layer), self.fan_in_fan_out)  # (out, in)
+        weight = transpose(dequantized_weight(base_layer), self.fan_in_fan_out)  # (out, in)
         # detached (DoRA paper, 4.3): dora_row_norm runs under no_grad
         weight_norm = safe_norm(dora_row_norm(weight, lora_A.weight, lora_B.weight, scaling))
         mag_norm_scale = (self.weight / weight_norm).view(1, -1)
@@ -156,15 +186,13 @@ class PeftExtMagnitude(DoraLinearLayer):
 class PeftExtDoraVariant(DoraLinearVariant):
     """peft's DoRA variant; only the magnitude module differs (see `PeftExtMagnitude`).
 
-    `forward`, `merge_safe` and `merge_unsafe` are peft's. Adapters that are not residual-init ones (a plain
-    `LoraConfig(use_dora=True)` added to the same layer) get peft's own DoRA init.
+    `forward`, `merge_safe` and `merge_unsafe` are peft's. (A plain `LoraConfig(use_dora=True)` added to the same
+    layer resolves to peft's own variant, see `ResidualInitMixin.resolve_lora_variant`.)
     """
 
     @staticmethod
     def init(module: PeftExtLinear, adapter_name: str, **kwargs: Any) -> None:
-        state = getattr(module, "_peft_ext_state", {}).get(adapter_name)
-        if state is None:
-            return DoraLinearVariant.init(module, adapter_name, **kwargs)
+        state = module._peft_ext_state[adapter_name]
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
         magnitude = PeftExtMagnitude(fan_in_fan_out=module.fan_in_fan_out)
@@ -182,25 +210,19 @@ class PeftExtDoraVariant(DoraLinearVariant):
         return (orig_weight.data / dora_factor - delta_weight).to(orig_weight.dtype)
 
 
-class PeftExtLinear(LoraLinear):
-    """peft's `lora.Linear` (nn.Linear and GPT-2's Conv1D) with residual initialisation.
+class ResidualInitMixin:
+    """What every peft_ext layer adds to a peft LoRA layer: the method's decomposition as init, the factor buffers,
+    the residual base weight, commit and rollback. Mixed into peft's `lora.Linear` (`PeftExtLinear`) and its
+    bitsandbytes layers (`peft_ext.quantization`).
 
     The method-specific work (an SVD for DuDe, a context-oriented decomposition for CorDA) is the config's
-    `compute_init_factors`; this class owns what both share: validation, the factor buffers, the residual, commit and
-    rollback.
+    `compute_init_factors`.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
-        # peft's default dispatcher sets fan_in_fan_out for Conv1D (weights stored (in, out)); the custom-module
-        # dispatcher that brings us here does not, so do the same here
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        is_conv1d = isinstance(base, Conv1D)
-        config.fan_in_fan_out = is_conv1d
-        super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
-
-    @property
-    def lora_variants(self):
-        return {(): None, ("use_dora",): PeftExtDoraVariant}
+    def resolve_lora_variant(self, *, config, **kwargs):
+        if getattr(config, "peft_ext_method", None) is None:  # a plain LoraConfig added to this layer
+            return super().resolve_lora_variant(config=config, **kwargs)
+        return PeftExtDoraVariant() if config.use_dora else None
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         created = "_peft_ext_state" not in self.__dict__
@@ -246,14 +268,17 @@ class PeftExtLinear(LoraLinear):
         base = self.get_base_layer()
         with gather_params_ctx(base.weight):
             weight = base.weight
-            if weight.dtype not in FLOAT_DTYPES:
+            if get_bnb_param_type(weight):  # bitsandbytes 8-bit / 4-bit: decompose the dequantized weight
+                W = dequantized_weight(base).detach().float()
+            elif weight.dtype in FLOAT_DTYPES:
+                W = transpose(weight.detach(), self.fan_in_fan_out).float()  # (out, in)
+            else:
                 raise TypeError(
                     f"peft_ext {method}: layer '{name}' has a {weight.dtype} base weight "
-                    f"({type(base).__module__}.{type(base).__name__}); the decomposition needs a float base weight. "
-                    f"Fix: load the model in float32/bfloat16/float16 (no load_in_8bit / load_in_4bit) before "
-                    f"get_peft_model."
+                    f"({type(base).__module__}.{type(base).__name__}), which peft_ext cannot decompose. Fix: load "
+                    f"the model in float32/bfloat16/float16, or quantized with bitsandbytes (load_in_8bit / "
+                    f"load_in_4bit), before get_peft_model."
                 )
-            W = transpose(weight.detach(), self.fan_in_fan_out).float()  # (out, in)
             out_features, in_features = W.shape
             if r > min(out_features, in_features):
                 raise ValueError(
@@ -313,8 +338,14 @@ class PeftExtLinear(LoraLinear):
             if not state.pending:
                 continue
             base = self.get_base_layer()
-            with gather_params_ctx(base.weight, modifier_rank=0):
-                subtract_init_product_(base.weight.data, state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out)
+            if get_bnb_param_type(base.weight):
+                from .quantization import requantize_residual
+
+                requantize_residual(base, state.lora_A, state.lora_B, state.scaling)
+            else:
+                with gather_params_ctx(base.weight, modifier_rank=0):
+                    subtract_init_product_(base.weight.data, state.lora_A, state.lora_B, state.scaling,
+                                           self.fan_in_fan_out)
             state.pending = False
             state.magnitude = None
             config, state.config = state.config, None
@@ -347,16 +378,37 @@ class PeftExtLinear(LoraLinear):
         return "peft_ext." + super().__repr__()
 
 
-class UnsupportedTarget(nn.Module):
-    """Dispatch target for module types the methods cannot decompose: raises a clear error (after a rollback)."""
+class PeftExtLinear(ResidualInitMixin, LoraLinear):
+    """peft's `lora.Linear` (nn.Linear and GPT-2's Conv1D) with residual initialisation."""
 
-    def __init__(self, target: nn.Module, adapter_name: str, config, **kwargs):
-        super().__init__()
-        rollback_injection(config)
-        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
-        name = kwargs.get("target_name") or "<unnamed>"
-        raise ValueError(
-            f"peft_ext {config.peft_ext_method}: target_modules matched layer '{name}' of type "
-            f"{type(base).__name__}, which cannot be decomposed; only torch.nn.Linear and transformers' Conv1D can. "
-            f"Fix: narrow target_modules (e.g. 'all-linear' or a list of projection names)."
-        )
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+        # peft's default dispatcher sets fan_in_fan_out for Conv1D (weights stored (in, out)); the custom-module
+        # dispatcher that brings us here does not, so do the same here
+        is_conv1d = isinstance(_base_of(base_layer), Conv1D)
+        config.fan_in_fan_out = is_conv1d
+        super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def create_peft_ext_layer(target: nn.Module, adapter_name: str, config, **kwargs) -> nn.Module:
+    """peft's custom-module dispatch for every target of a peft_ext config: the layer class for its base type, or a
+    clear error (after rolling back the layers already created) for types that cannot be decomposed."""
+    base = _base_of(target)
+    if type(base).__module__.startswith("bitsandbytes"):
+        from .quantization import bnb_layer_class
+
+        cls = bnb_layer_class(base)
+        if cls is not None:
+            return cls(target, adapter_name, config=config, **kwargs)
+    elif isinstance(base, (nn.Linear, Conv1D)):
+        return PeftExtLinear(target, adapter_name, config=config, **kwargs)
+    rollback_injection(config)
+    raise ValueError(
+        f"peft_ext {config.peft_ext_method}: target_modules matched layer '{kwargs.get('target_name') or '<unnamed>'}' "
+        f"of type {type(base).__name__}, which cannot be decomposed; only torch.nn.Linear, transformers' Conv1D and "
+        f"bitsandbytes' Linear8bitLt/Linear4bit can. Fix: narrow target_modules (e.g. 'all-linear' or a list of "
+        f"projection names)."
+    )

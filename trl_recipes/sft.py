@@ -54,6 +54,27 @@ def parse_args(argv=None):
         raise RecipeError(msg) from exc
 
 
+def check_quantization(model_args, zero3: bool) -> None:
+    """bitsandbytes with DeepSpeed ZeRO-3, refused or fixed before the model loads."""
+    if not zero3:
+        return
+    if model_args.load_in_8bit:
+        raise RecipeError(
+            "--load_in_8bit cannot be combined with DeepSpeed ZeRO-3 (bitsandbytes int8 weights cannot be "
+            "partitioned). Fix: 8-bit with ZeRO-2 or DDP (deepspeed_configs/zero2.yaml, multi_gpu.yaml), or "
+            "--load_in_4bit with ZeRO-3."
+        )
+    if model_args.load_in_4bit:
+        dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
+        if model_args.bnb_4bit_quant_storage is None:
+            model_args.bnb_4bit_quant_storage = dtype  # ZeRO-3 shards 4-bit weights stored in the compute dtype
+        elif model_args.bnb_4bit_quant_storage != dtype:
+            raise RecipeError(
+                f"--bnb_4bit_quant_storage {model_args.bnb_4bit_quant_storage} differs from the compute dtype "
+                f"--dtype {dtype}; ZeRO-3 needs them equal. Fix: --bnb_4bit_quant_storage {dtype}."
+            )
+
+
 def load_datasets(script_args, training_args, method_args):
     """(train dataset, held-out records) — validated before anything is written."""
     name = script_args.dataset_name or DEFAULT_TRAIN_FILE
@@ -127,6 +148,9 @@ def run(argv=None) -> dict:
     if init_distributed_on_cpu():
         argv += ["--accelerator_config", json.dumps({"use_configured_state": True})]
     script_args, training_args, model_args, method_args = parse_args(argv)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    check_quantization(model_args, zero3=is_deepspeed_zero3_enabled())
     train, held_out = load_datasets(script_args, training_args, method_args)
 
     import torch
@@ -136,6 +160,7 @@ def run(argv=None) -> dict:
 
     from peft_ext import calibrate
     from peft_ext.distributed import gathered_forward
+    from peft_ext.quantization import no_cpu_repacking
 
     from .evaluate import generate
     from .models import resolve_model_path
@@ -163,7 +188,8 @@ def run(argv=None) -> dict:
 
     out_dir = training_args.output_dir
     log(f"[trl_recipes] {method_args.peft_method} on {model_path}: {len(train)} training examples -> {out_dir}")
-    with gathered_forward(model):  # under ZeRO-3 the model is partitioned and has no engine yet
+    # under ZeRO-3 the model is partitioned and has no engine yet; a 4-bit model must not repack before the init
+    with gathered_forward(model), no_cpu_repacking(model):
         before = generate(model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
 
     peft_config = get_peft_config(model_args, method_args)

@@ -479,6 +479,7 @@ def calibrate(
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ..quantization import no_cpu_repacking
     from .config import CorDAConfig
 
     if not isinstance(config, CorDAConfig):
@@ -540,7 +541,7 @@ def calibrate(
     # midway would leave gathered weights behind, so no early exit there
     collector.early_exit = early_exit = not is_zero3_partitioned(model)
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    with gathered_forward(model):
+    with gathered_forward(model), no_cpu_repacking(model):
         try:
             bar = tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose or rank != 0)
             for i in bar:

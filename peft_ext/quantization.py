@@ -1,0 +1,109 @@
+"""bitsandbytes 8-bit / 4-bit base weights: dequantize → decompose in float32 → re-quantize the residual.
+
+The decomposition (DuDe's SVD, CorDA's context-oriented one) runs on the dequantized weight in float32; the frozen
+base becomes the residual W − s·B0·A0, quantized again with the layer's own settings (int8 row-wise; nf4/fp4 with its
+block size, storage type and double quantization). The principal part the adapter holds is kept in full precision,
+so only the residual carries quantization error (the QPiSSA/LoftQ observation); see
+benchmarks/results/quantization_smollm2.md for what that does to the logits.
+
+The layers are peft's bitsandbytes LoRA layers with peft_ext's `ResidualInitMixin`: their forward, DoRA handling and
+merge (dequantize → merge → re-quantize) are peft's.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from peft.tuners.lora.layer import LoraLayer
+from peft.utils.integrations import get_bnb_param_type
+
+from .layer import ResidualInitMixin, dequantized_weight
+
+
+def requantize_residual(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
+    """Replace a bitsandbytes layer's weight by quantize(dequantize(W) − s·B0·A0), in its own format."""
+    import bitsandbytes as bnb
+
+    weight = base.weight
+    dequantized = dequantized_weight(base)
+    residual = torch.addmm(dequantized.float(), lora_B.to(weight.device, torch.float32),
+                           lora_A.to(weight.device, torch.float32), alpha=-scaling).to(dequantized.dtype)
+    kind = get_bnb_param_type(weight)
+    if kind == "8bit":
+        base.weight = bnb.nn.Int8Params(residual.cpu(), requires_grad=False,
+                                        has_fp16_weights=weight.has_fp16_weights).to(weight.device)
+        base.state.reset_grads()  # drop the row scales cached for the old weight
+    elif kind == "4bit":
+        base.weight = bnb.nn.Params4bit(residual.cpu(), requires_grad=False, quant_type=weight.quant_type,
+                                        quant_storage=weight.quant_storage, blocksize=weight.blocksize,
+                                        compress_statistics=weight.compress_statistics,
+                                        module=weight.module).to(weight.device)
+    else:  # pragma: no cover - callers check get_bnb_param_type first
+        raise TypeError(f"not a bitsandbytes weight: {type(weight).__name__}")
+
+
+def bnb_layer_class(base: torch.nn.Module) -> Optional[type]:
+    import bitsandbytes as bnb
+
+    if isinstance(base, bnb.nn.Linear8bitLt):
+        return PeftExtLinear8bitLt
+    if isinstance(base, bnb.nn.Linear4bit):
+        return PeftExtLinear4bit
+    return None
+
+
+def _init_bnb_layer(self, base_layer, adapter_name, config, r, lora_alpha, kwargs) -> None:
+    # peft's bitsandbytes layers do not pass the module name on to update_layer; the reload from saved factors
+    # (peft_ext.load_adapter) looks them up by that name
+    torch.nn.Module.__init__(self)
+    LoraLayer.__init__(self, base_layer)
+    self.fan_in_fan_out = False
+    self._active_adapter = adapter_name
+    self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, target_name=kwargs.get("target_name"))
+
+
+try:
+    from peft.tuners.lora.bnb import Linear4bit as _LoraLinear4bit
+    from peft.tuners.lora.bnb import Linear8bitLt as _LoraLinear8bitLt
+except ImportError:  # bitsandbytes is an optional extra
+    _LoraLinear8bitLt = _LoraLinear4bit = None
+
+if _LoraLinear8bitLt is not None:
+
+    class PeftExtLinear8bitLt(ResidualInitMixin, _LoraLinear8bitLt):
+        """peft's 8-bit LoRA layer with residual initialisation (the residual is re-quantized to int8)."""
+
+        def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
+            _init_bnb_layer(self, base_layer, adapter_name, config, r, lora_alpha, kwargs)
+
+    class PeftExtLinear4bit(ResidualInitMixin, _LoraLinear4bit):
+        """peft's 4-bit LoRA layer with residual initialisation (the residual is re-quantized to nf4/fp4)."""
+
+        def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
+            _init_bnb_layer(self, base_layer, adapter_name, config, r, lora_alpha, kwargs)
+
+
+@contextmanager
+def no_cpu_repacking(model: torch.nn.Module):
+    """Run no-grad forwards through a bitsandbytes 4-bit model without letting it repack its weights.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` repacks the weight in place for its CPU kernel on the first no-grad
+    forward in eval mode; the inverse conversion is lossy for the block scales. Calibration (and anything else that
+    must leave the model as it found it) runs the 4-bit layers in training mode, which only switches that repacking
+    off (the layers have no dropout).
+    """
+    layers = []
+    if "bitsandbytes" in sys.modules:
+        import bitsandbytes as bnb
+
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and not m.training]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False

@@ -1,0 +1,108 @@
+"""bitsandbytes 8-bit and 4-bit (nf4) bases: decompose the dequantized weight, re-quantize the residual, train."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_ext import CorDAConfig, DuDeConfig, calibrate, export_peft_adapter, load_adapter
+
+from .helpers import logits, make_tiny, perturb_trainable, rel_err, sample_input
+from .test_corda import token_batches
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra: pip install -e .[bnb]")
+
+
+# bitsandbytes' CPU nf4 matmul needs input dimensions that are multiples of its 64-element blocks
+INTERMEDIATE = 128
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-fp32")
+    make_tiny("llama", intermediate=INTERMEDIATE).save_pretrained(path)
+    return str(path)
+
+
+def load(path, bits):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 8:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q)
+
+
+def adapt(model, method):
+    if method == "dude":
+        config = DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    else:
+        config = CorDAConfig(r=4, lora_alpha=8, target_modules="all-linear", corda_method=method.split("-")[1])
+        calibrate(model, config, token_batches(), verbose=False)
+    return get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("method", ["dude", "corda-ipm", "corda-kpm"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_init_train_save_load_export(bits, method, fp32_dir, tmp_path):
+    from peft_ext.quantization import PeftExtLinear4bit, PeftExtLinear8bitLt
+
+    x = sample_input()
+    fp32 = logits(make_tiny("llama", intermediate=INTERMEDIATE), x)
+    quantized = logits(load(fp32_dir, bits), x)
+    model = adapt(load(fp32_dir, bits), method)
+    layers = [m for m in model.modules() if isinstance(m, (PeftExtLinear8bitLt, PeftExtLinear4bit))]
+    assert len(layers) == 14
+    expected = bnb.nn.Int8Params if bits == 8 else bnb.nn.Params4bit
+    assert all(isinstance(m.get_base_layer().weight, expected) for m in layers)  # the residual is re-quantized
+    init = logits(model, x)
+    err_base = rel_err(quantized, fp32)
+    # the decomposition runs on the dequantized weight, so the init reproduces the quantized model up to one more
+    # quantization of the residual (≈ the same scale as W on these random, flat-spectrum weights); real weights:
+    # benchmarks/results/quantization_smollm2.md
+    assert rel_err(init, quantized) < 2.5 * err_base, (err_base, rel_err(init, quantized))
+
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    perturb_trainable(model)
+    trained = logits(model, x)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = load_adapter(load(fp32_dir, bits), str(tmp_path / "saved"))
+    assert rel_err(logits(reloaded, x), trained) <= 1e-5  # same dequantize → residual → quantize path: exact
+    # the plain export applies to the untouched quantized base: equal up to quantizing W instead of the residual
+    out = export_peft_adapter(str(tmp_path / "saved"), str(tmp_path / "plain"))
+    plain = logits(PeftModel.from_pretrained(load(fp32_dir, bits), out), x)
+    assert rel_err(plain, trained) < 2.5 * err_base
+
+
+def test_sft_with_load_in_8bit(tiny_model_dir, tmp_path):
+    from .test_recipes import FAST, SMOL, check_finished_run, run_cli
+
+    out = tmp_path / "run8"
+    proc = run_cli("--config", os.path.join(SMOL, "dude", "config_cpu.yaml"), "--model_name_or_path",
+                   tiny_model_dir, "--load_in_8bit", "--output_dir", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check_finished_run(out, "dude")
+
+
+def test_quantization_checks_for_zero3():
+    from trl import ModelConfig
+
+    from trl_recipes.sft import RecipeError, check_quantization
+
+    with pytest.raises(RecipeError, match="load_in_8bit.*ZeRO-3.*zero2.yaml"):
+        check_quantization(ModelConfig(load_in_8bit=True), zero3=True)
+    check_quantization(ModelConfig(load_in_8bit=True), zero3=False)
+    args = ModelConfig(load_in_4bit=True, dtype="bfloat16")
+    check_quantization(args, zero3=True)
+    assert args.bnb_4bit_quant_storage == "bfloat16"  # set to the compute dtype
+    with pytest.raises(RecipeError, match="bnb_4bit_quant_storage"):
+        check_quantization(ModelConfig(load_in_4bit=True, dtype="bfloat16", bnb_4bit_quant_storage="uint8"),
+                           zero3=True)
