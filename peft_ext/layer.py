@@ -137,30 +137,29 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
     Two bitsandbytes CPU behaviours that peft's `dequantize_module_weight` does not handle:
     * it re-assigns an 8-bit CPU weight through `Int8Params.to()`, which leaves int8 data without row scales; the next
       forward copies `SCB=None` into the layer state and fails (the DoRA norm dequantizes on every step);
-    * on CPUs with AVX512-BF16, a no-grad forward repacks a 4-bit weight in place for the CPU kernel
-      (`quant_state.packing_format_for_cpu`), and `dequantize_4bit` then reads the packed layout as garbage. A copy
-      is converted back to the standard layout (bitsandbytes' own inverse, which it applies before saving a state
-      dict); the live weight stays packed, so the layer keeps computing the same way.
+    * on CPUs with AVX512-BF16, a no-grad eval forward repacks a 4-bit weight in place for its CPU kernel
+      (`quant_state.packing_format_for_cpu`); `dequantize_4bit` then reads the packed layout as garbage, and
+      bitsandbytes' inverse conversion does not restore the block scales either. peft_ext layers keep their 4-bit
+      base from repacking (`PeftExtLinear4bit.train`); a weight repacked before it was wrapped is refused.
     """
     weight = base.weight
     kind = get_bnb_param_type(weight)
     if kind == "8bit":
         return dequantize_bnb_weight(weight, state=base.state)
     if kind == "4bit" and getattr(weight.quant_state, "packing_format_for_cpu", False):
-        import copy
-
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
-
-        data, state = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(weight.quant_state))
-        return dequantize_4bit(data, state)
+        raise ValueError(
+            "peft_ext: a bitsandbytes 4-bit weight was repacked for the CPU kernel by a forward pass in eval mode, "
+            "and cannot be dequantized any more. Fix: create the adapter before running the model in eval mode "
+            "(or run such forwards inside peft_ext.quantization.no_cpu_repacking(model)), or reload the model."
+        )
     return dequantize_module_weight(base)
 
 
 class PeftExtMagnitude(DoraLinearLayer):
     """DoRA magnitude over a residual-init direction: float32, zero-row safe, factored row norm."""
 
-    def set_magnitude(self, magnitude: torch.Tensor) -> None:
-        self.weight = nn.Parameter(magnitude.detach().to(torch.float32).clone(), requires_grad=True)
+    def set_magnitude(self, magnitude: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        self.weight = nn.Parameter(magnitude.detach().to(dtype).clone(), requires_grad=True)
 
     def get_weight_norm(self, weight, lora_weight, scaling, adapter_name: Optional[str] = None) -> torch.Tensor:
         # dense form, used by peft's DoRA merge; float32 and safe for zero rows
@@ -183,6 +182,22 @@ class PeftExtMagnitude(DoraLinearLayer):
         return "peft_ext." + super().__repr__()
 
 
+def magnitude_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
+    """float32, except under DeepSpeed ZeRO-3 with 16-bit adapters.
+
+    ZeRO-3 gathers its small persistent parameters into one buffer of the first one's dtype and fails on mixed
+    dtypes, which is why TRL creates adapters without upcasting them under ZeRO-3 (`autocast_adapter_dtype=False`).
+    The magnitude then follows the adapter dtype; DeepSpeed's bf16/fp16 optimizer keeps float32 master weights, so
+    its updates are still accumulated in float32. Everywhere else it is float32 (peft's upcast of the adapter keeps
+    it so).
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if adapter_dtype in (torch.bfloat16, torch.float16) and is_deepspeed_zero3_enabled():
+        return adapter_dtype
+    return torch.float32
+
+
 class PeftExtDoraVariant(DoraLinearVariant):
     """peft's DoRA variant; only the magnitude module differs (see `PeftExtMagnitude`).
 
@@ -196,7 +211,7 @@ class PeftExtDoraVariant(DoraLinearVariant):
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
         magnitude = PeftExtMagnitude(fan_in_fan_out=module.fan_in_fan_out)
-        magnitude.set_magnitude(state.magnitude)
+        magnitude.set_magnitude(state.magnitude, magnitude_dtype(module.lora_A[adapter_name].weight.dtype))
         module.lora_magnitude_vector[adapter_name] = magnitude
 
     @staticmethod
@@ -269,7 +284,10 @@ class ResidualInitMixin:
         with gather_params_ctx(base.weight):
             weight = base.weight
             if get_bnb_param_type(weight):  # bitsandbytes 8-bit / 4-bit: decompose the dequantized weight
-                W = dequantized_weight(base).detach().float()
+                try:
+                    W = dequantized_weight(base).detach().float()
+                except ValueError as exc:
+                    raise ValueError(f"peft_ext {method}: layer '{name}': {exc}") from None
             elif weight.dtype in FLOAT_DTYPES:
                 W = transpose(weight.detach(), self.fan_in_fan_out).float()  # (out, in)
             else:

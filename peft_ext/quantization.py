@@ -84,6 +84,14 @@ if _LoraLinear8bitLt is not None:
 
         def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: int = 1, **kwargs):
             _init_bnb_layer(self, base_layer, adapter_name, config, r, lora_alpha, kwargs)
+            self.get_base_layer().training = True
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            # bitsandbytes' Linear4bit uses `training` only to decide whether to repack its weight for the CPU kernel;
+            # a repacked weight can no longer be dequantized (DoRA's norm, merging, saving a residual): never repack
+            self.get_base_layer().training = True
+            return self
 
 
 @contextmanager

@@ -450,3 +450,14 @@ def test_load_adapter_errors(tmp_path):
 def test_public_api():
     assert {"DuDeConfig", "load_adapter", "export_peft_adapter"} <= set(peft_ext.__all__)
     assert issubclass(DuDeConfig, LoraConfig)
+
+
+def test_magnitude_dtype_follows_16bit_adapters_only_under_zero3(monkeypatch):
+    import transformers.integrations
+
+    model = get_peft_model(make_tiny("llama", dtype=torch.bfloat16), dude(), autocast_adapter_dtype=False)
+    assert {l.lora_magnitude_vector["default"].weight.dtype for l in peft_ext_layers(model).values()} == {torch.float32}
+    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    model = get_peft_model(make_tiny("llama", dtype=torch.bfloat16), dude(), autocast_adapter_dtype=False)
+    dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert dtypes == {torch.bfloat16}  # no mixed dtypes among ZeRO-3's persistent parameters

@@ -106,3 +106,23 @@ def test_quantization_checks_for_zero3():
     with pytest.raises(RecipeError, match="bnb_4bit_quant_storage"):
         check_quantization(ModelConfig(load_in_4bit=True, dtype="bfloat16", bnb_4bit_quant_storage="uint8"),
                            zero3=True)
+
+
+def test_4bit_weight_repacked_for_the_cpu_kernel_is_refused_or_absent(fp32_dir):
+    """On CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights on an eval forward, irreversibly for the block
+    scales. peft_ext refuses such a weight with the fix; calibration and peft_ext's own layers never repack."""
+    x = sample_input()
+    model = load(fp32_dir, 4)
+    packed = lambda m: getattr(m.model.layers[0].self_attn.q_proj.weight.quant_state,  # noqa: E731
+                               "packing_format_for_cpu", False)
+    config = CorDAConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    calibrate(model, config, token_batches(), verbose=False)
+    assert not packed(model)  # calibration ran eval forwards without repacking
+    logits(model, x)  # a plain eval forward: bitsandbytes repacks here if this CPU has AVX512-BF16
+    if packed(model):
+        with pytest.raises(ValueError, match="repacked for the CPU kernel.*Fix"):
+            get_peft_model(model, config)
+    else:
+        peft_model = get_peft_model(model, config)
+        logits(peft_model, x)
+        assert not packed(peft_model.base_model.model)
