@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -269,6 +270,7 @@ def finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain
         "held_out_exact_match_after": (sum(e["correct_after"] for e in examples) / len(examples)) if examples else None,
         "held_out_examples": examples,
         "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "adapter_dir": adapter_dir,
         "plain_peft_dir": plain_dir if method_args.export_plain_peft else None,
         "peft_config": json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=str)),

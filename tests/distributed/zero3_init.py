@@ -86,6 +86,7 @@ def main(method, model_dir, out):
     if dist.get_rank() == 0:
         torch.save(result, out)
     dist.barrier()
+    dist.destroy_process_group()  # leave together: gloo aborts a rank that exits while the group is alive
 
 
 if __name__ == "__main__":
