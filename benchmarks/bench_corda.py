@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     peak_rss_mb,
     run_worker,
     stamp,
+    write_report,
 )
 
 
@@ -192,13 +193,7 @@ def main() -> None:
         f"truncated at {args.max_length} tokens. Medians over {args.rounds} interleaved rounds, one process each.",
         *sections,
     ])
-    print("\n" + report)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report + "\n")
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"summary": summary, "raw": raw}, f, indent=1)
-    print(f"\nwritten: {args.out}")
+    write_report(args.out, report, {"summary": summary, "raw": raw})
 
 
 if __name__ == "__main__":

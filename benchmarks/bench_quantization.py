@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ROOT, SMOLLM2_TARGETS, machine, markdown_table, stamp  # noqa: E402
+from benchmarks.common import ROOT, SMOLLM2_TARGETS, machine, markdown_table, stamp, write_report  # noqa: E402
 
 
 def texts(n: int) -> list[str]:
@@ -109,10 +109,7 @@ def main() -> None:
         "the residual only once (QPiSSA-style, which would reduce the error below the quantized base's) is not "
         "implemented.",
     ])
-    print("\n" + report)
-    with open(args.out, "w") as f:
-        f.write(report + "\n")
-    print(f"written: {args.out}")
+    write_report(args.out, report, {"rows": rows})
 
 
 if __name__ == "__main__":

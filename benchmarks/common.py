@@ -82,3 +82,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def write_report(out_md: str, report: str, data: dict | None = None) -> None:
+    """Print the markdown report and write it to `out_md`, the raw numbers beside it as JSON."""
+    print("\n" + report)
+    os.makedirs(os.path.dirname(os.path.abspath(out_md)), exist_ok=True)
+    with open(out_md, "w") as f:
+        f.write(report + "\n")
+    if data is not None:
+        with open(os.path.splitext(out_md)[0] + ".json", "w") as f:
+            json.dump(data, f, indent=1)
+    print(f"\nwritten: {out_md}")
