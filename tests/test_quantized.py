@@ -126,3 +126,14 @@ def test_4bit_weight_repacked_for_the_cpu_kernel_is_refused_or_absent(fp32_dir):
         peft_model = get_peft_model(model, config)
         logits(peft_model, x)
         assert not packed(peft_model.base_model.model)
+
+
+def test_bnb_weight_partitioned_by_zero3_is_refused(fp32_dir):
+    from .helpers import assert_same_state, state_snapshot
+
+    model = load(fp32_dir, 4)
+    model.model.layers[1].mlp.up_proj.weight.ds_id = 7  # what DeepSpeed ZeRO-3 attaches to a partitioned parameter
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.*partitioned by DeepSpeed ZeRO-3.*Fix"):
+        get_peft_model(model, DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert_same_state(before, model)
