@@ -134,9 +134,10 @@ def subtract_init_product_(
 def dequantized_weight(base: nn.Module) -> torch.Tensor:
     """The base layer's weight as a float tensor (bitsandbytes weights dequantized), without side effects.
 
-    Two bitsandbytes CPU behaviours that peft's `dequantize_module_weight` does not handle:
+    bitsandbytes CPU behaviours that peft's `dequantize_module_weight` does not handle:
     * it re-assigns an 8-bit CPU weight through `Int8Params.to()`, which leaves int8 data without row scales; the next
       forward copies `SCB=None` into the layer state and fails (the DoRA norm dequantizes on every step);
+    * on the CPU it re-assigns a 4-bit weight through `.to()` too, a new parameter object on every DoRA forward;
     * on CPUs with AVX512-BF16, a no-grad eval forward repacks a 4-bit weight in place for its CPU kernel
       (`quant_state.packing_format_for_cpu`); `dequantize_4bit` then reads the packed layout as garbage, and
       bitsandbytes' inverse conversion does not restore the block scales either. peft_ext layers keep their 4-bit
@@ -152,6 +153,10 @@ def dequantized_weight(base: nn.Module) -> torch.Tensor:
             "and cannot be dequantized any more. Fix: create the adapter before running the model in eval mode "
             "(or run such forwards inside peft_ext.quantization.no_cpu_repacking(model)), or reload the model."
         )
+    if kind == "4bit":
+        # peft's dequantize_module_weight would also re-assign a CPU weight through `.to()`, which makes a new
+        # Params4bit object every call: a DeepSpeed ZeRO-3 partitioned parameter loses its `ds_*` attributes that way
+        return dequantize_bnb_weight(weight)
     return dequantize_module_weight(base)
 
 

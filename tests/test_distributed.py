@@ -57,16 +57,20 @@ def test_zero3_init_equals_single_process(method, tiny_model_dir, tmp_path):
         assert rel(z3["covariances"][name], cov) <= 1e-6, name
 
 
-@pytest.mark.parametrize("stage,method,recipe", [
-    ("zero2", "dude", "dude/config_cpu.yaml"),
-    ("zero3", "dude", "dude/config_cpu.yaml"),
-    ("zero3", "corda", "corda/config_ipm_cpu.yaml"),
+@pytest.mark.parametrize("stage,method,recipe,extra", [
+    pytest.param("zero2", "dude", "dude/config_cpu.yaml", [], id="zero2-dude"),
+    pytest.param("zero3", "dude", "dude/config_cpu.yaml", [], id="zero3-dude"),
+    pytest.param("zero3", "corda", "corda/config_ipm_cpu.yaml", [], id="zero3-corda-ipm"),
+    # QLoRA-style: transformers loads a 4-bit model whole on every rank (no zero.Init); the engine partitions the
+    # 4-bit storage, which check_quantization sets to the compute dtype
+    pytest.param("zero3", "dude", "dude/config_cpu.yaml", ["--load_in_4bit"], id="zero3-dude-4bit"),
+    pytest.param("zero3", "corda", "corda/config_kpm_cpu.yaml", ["--load_in_4bit"], id="zero3-corda-kpm-4bit"),
 ])
-def test_sft_under_deepspeed_saves_a_complete_adapter(stage, method, recipe, tiny_model_dir, tmp_path):
+def test_sft_under_deepspeed_saves_a_complete_adapter(stage, method, recipe, extra, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     proc = launch(f"{stage}_cpu.yaml", "-m", "trl_recipes.sft", "--config", os.path.join(SMOL, recipe),
                   "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *FAST,
-                  "--calibration_samples", "16")
+                  "--calibration_samples", "16", *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_finished_run(out, method)
     state = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))

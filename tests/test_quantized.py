@@ -82,14 +82,21 @@ def test_quantized_init_train_save_load_export(bits, method, fp32_dir, tmp_path)
     assert rel_err(plain, trained) < 2.5 * err_base
 
 
-def test_sft_with_load_in_8bit(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("flag", ["--load_in_8bit", "--load_in_4bit"])
+def test_sft_with_quantized_base(flag, tiny_model_dir, tmp_path):
+    """The recipe trains on a quantized base: the held-out answers before training must not repack the 4-bit weights
+    (which the init could not dequantize any more), and TRL's bf16 cast of QLoRA adapters is undone in an fp32 run."""
+    from safetensors.torch import load_file
+
     from .test_recipes import FAST, SMOL, check_finished_run, run_cli
 
-    out = tmp_path / "run8"
+    out = tmp_path / "run"
     proc = run_cli("--config", os.path.join(SMOL, "dude", "config_cpu.yaml"), "--model_name_or_path",
-                   tiny_model_dir, "--load_in_8bit", "--output_dir", str(out), *FAST)
+                   tiny_model_dir, flag, "--output_dir", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_finished_run(out, "dude")
+    state = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert {v.dtype for v in state.values()} == {torch.float32}
 
 
 def test_quantization_checks_for_zero3():

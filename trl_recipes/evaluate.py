@@ -71,7 +71,8 @@ def _chat_text(tokenizer, messages, add_generation_prompt: bool) -> str:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy answers to chat prompts (batched, left padding)."""
-    model.eval()
+    if model.training:  # only then: `no_cpu_repacking` keeps a model's 4-bit layers in training mode on purpose
+        model.eval()
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -91,7 +92,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
 @torch.no_grad()
 def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8) -> list[float]:
     """Mean per-token NLL of each answer given its chat prompt."""
-    model.eval()
+    if model.training:  # see `generate`
+        model.eval()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []

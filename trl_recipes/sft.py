@@ -76,6 +76,28 @@ def check_quantization(model_args, zero3: bool) -> None:
             )
 
 
+def restore_fp32_adapters(model) -> None:
+    """Undo TRL's QLoRA cast of the adapter to bf16 when training runs in fp32.
+
+    TRL's SFTTrainer casts a quantized model's trainable parameters (all but DoRA's magnitude) to bf16, the QLoRA
+    paper's recipe for bf16 training. In an fp32 run (the CPU recipes) that makes every adapter matmul a bf16 one
+    (~100x slower on CPU), leaves the magnitude in fp32 beside bf16 factors (DeepSpeed ZeRO-3 refuses mixed dtypes),
+    and rounds DuDe/CorDA's principal factors, so the model at step 0 no longer equals the base. The factors are put
+    back in fp32 from the exact initial ones peft_ext keeps (`lora_init_A/B`); other adapters are cast back.
+    """
+    import torch
+
+    for module in model.modules():
+        init_A, init_B = getattr(module, "lora_init_A", {}), getattr(module, "lora_init_B", {})
+        for adapter, layer in getattr(module, "lora_A", {}).items():
+            if adapter in init_A:
+                layer.weight.data = init_A[adapter].to(torch.float32).clone()
+                module.lora_B[adapter].weight.data = init_B[adapter].to(torch.float32).clone()
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+
+
 def load_datasets(script_args, training_args, method_args):
     """(train dataset, held-out records) — validated before anything is written."""
     name = script_args.dataset_name or DEFAULT_TRAIN_FILE
@@ -204,6 +226,8 @@ def run(argv=None) -> dict:
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
+    if quantization is not None and not (training_args.bf16 or training_args.fp16):
+        restore_fp32_adapters(trainer.model)
     pissa_init_dir = os.path.join(out_dir, "pissa_init")  # peft uses the folder name as an adapter name
     if method_args.peft_method == "pissa" and main_process:
         # peft's route to a plain adapter for PiSSA: keep the initial factors, convert at save time
@@ -220,7 +244,9 @@ def run(argv=None) -> dict:
     plain_dir = os.path.join(out_dir, "adapter_plain_peft")
     trainer.save_model(adapter_dir)
     peft_model = trainer.model
-    after = generate(peft_model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
+    peft_model.eval()
+    with no_cpu_repacking(peft_model):  # a repacked 4-bit weight could not be dequantized for the export
+        after = generate(peft_model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
     metrics = {}
     if main_process:
         metrics = finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir,
