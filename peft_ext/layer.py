@@ -291,8 +291,9 @@ class ResidualInitMixin:
             if get_bnb_param_type(weight) and hasattr(weight, "ds_id"):
                 raise ValueError(
                     f"peft_ext {method}: layer '{name}' is a bitsandbytes weight partitioned by DeepSpeed ZeRO-3; the "
-                    f"re-quantized residual cannot be written back into a partitioned parameter. Fix: use ZeRO-2 or "
-                    f"DDP with quantized bases, or ZeRO-3 with a bf16/fp16 base (or plain LoRA/DoRA with 4-bit ZeRO-3)."
+                    f"re-quantized residual cannot be written back into a partitioned parameter. Fix: create the "
+                    f"adapter before DeepSpeed partitions the model (transformers loads a bitsandbytes model whole on "
+                    f"every rank and the engine partitions it later, as trl_recipes.sft does), or use ZeRO-2/DDP."
                 )
             if get_bnb_param_type(weight):  # bitsandbytes 8-bit / 4-bit: decompose the dequantized weight
                 try:

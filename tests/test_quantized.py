@@ -144,3 +144,32 @@ def test_bnb_weight_partitioned_by_zero3_is_refused(fp32_dir):
     with pytest.raises(ValueError, match="layers.1.mlp.up_proj.*partitioned by DeepSpeed ZeRO-3.*Fix"):
         get_peft_model(model, DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     assert_same_state(before, model)
+
+
+def test_trl_qlora_bf16_cast_is_settled(fp32_dir):
+    """TRL casts a quantized model's adapter factors (not the DoRA magnitude) to bf16. An fp32 run gets the exact
+    initial factors back in fp32 (outputs at step 0 equal the base's again); a 16-bit ZeRO-3 run gets one dtype."""
+    from trl_recipes.sft import settle_quantized_adapter_dtypes
+
+    x = sample_input()
+    peft_model = get_peft_model(load(fp32_dir, 4), DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    at_init = logits(peft_model, x)
+
+    def trl_cast():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
+
+    trl_cast()
+    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=False, zero3=False)
+    assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.float32}
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_A["default"].weight, layer.lora_init_A["default"])
+    assert torch.equal(layer.lora_B["default"].weight, layer.lora_init_B["default"])
+    assert torch.equal(logits(peft_model, x), at_init)
+
+    trl_cast()
+    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=True, zero3=False)  # magnitude stays fp32 without ZeRO-3
+    assert layer.lora_magnitude_vector["default"].weight.dtype == torch.float32
+    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=True, zero3=True)
+    assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.bfloat16}

@@ -76,17 +76,26 @@ def check_quantization(model_args, zero3: bool) -> None:
             )
 
 
-def restore_fp32_adapters(model) -> None:
-    """Undo TRL's QLoRA cast of the adapter to bf16 when training runs in fp32.
+def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> None:
+    """Fix up TRL's QLoRA cast of the adapter to bf16.
 
     TRL's SFTTrainer casts a quantized model's trainable parameters (all but DoRA's magnitude) to bf16, the QLoRA
     paper's recipe for bf16 training. In an fp32 run (the CPU recipes) that makes every adapter matmul a bf16 one
-    (~100x slower on CPU), leaves the magnitude in fp32 beside bf16 factors (DeepSpeed ZeRO-3 refuses mixed dtypes),
-    and rounds DuDe/CorDA's principal factors, so the model at step 0 no longer equals the base. The factors are put
-    back in fp32 from the exact initial ones peft_ext keeps (`lora_init_A/B`); other adapters are cast back.
+    (~100x slower on CPU) and rounds DuDe/CorDA's principal factors, so the model at step 0 no longer equals the base:
+    the factors are put back in fp32 from the exact initial ones peft_ext keeps (`lora_init_A/B`), other adapters are
+    cast back. In a 16-bit run under ZeRO-3, which refuses trainable parameters of mixed dtypes, the DoRA magnitude
+    follows the factors' dtype (as it does without quantization, see `peft_ext.layer.magnitude_dtype`).
     """
     import torch
 
+    if sixteen_bit:
+        if zero3:
+            dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude" not in n}
+            if len(dtypes) == 1:
+                for name, param in model.named_parameters():
+                    if "lora_magnitude_vector" in name:
+                        param.data = param.data.to(next(iter(dtypes)))
+        return
     for module in model.modules():
         init_A, init_B = getattr(module, "lora_init_A", {}), getattr(module, "lora_init_B", {})
         for adapter, layer in getattr(module, "lora_A", {}).items():
@@ -226,8 +235,9 @@ def run(argv=None) -> dict:
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
-    if quantization is not None and not (training_args.bf16 or training_args.fp16):
-        restore_fp32_adapters(trainer.model)
+    if quantization is not None:
+        settle_quantized_adapter_dtypes(trainer.model, sixteen_bit=training_args.bf16 or training_args.fp16,
+                                        zero3=is_deepspeed_zero3_enabled())
     pissa_init_dir = os.path.join(out_dir, "pissa_init")  # peft uses the folder name as an adapter name
     if method_args.peft_method == "pissa" and main_process:
         # peft's route to a plain adapter for PiSSA: keep the initial factors, convert at save time
