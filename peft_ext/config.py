@@ -66,6 +66,18 @@ class PeftExtConfig(LoraConfig):
         default=0,
         metadata={"help": "Randomized SVD only: seed of its private generator (two runs give identical adapters)."},
     )
+    float_weights_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "bitsandbytes (8-bit/4-bit) bases only: a safetensors checkpoint (a .safetensors file, or a folder "
+                "with model.safetensors or a sharded index) holding the base model's float weights, usually the folder "
+                "the quantized model was loaded from. The decomposition then uses the float weight and the residual "
+                "is quantized once (as QPiSSA does) instead of dequantized, decomposed and quantized again. None: "
+                "decompose the dequantized weight. Saved with the adapter; peft_ext.load_adapter reads the same file."
+            )
+        },
+    )
 
     # the method name that the subclass stands for; `peft_ext_method` must equal it
     _method: ClassVar[str] = ""

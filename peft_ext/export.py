@@ -80,14 +80,19 @@ def _stored_init_factors(weights: dict[str, torch.Tensor], path: str) -> dict[st
 
 
 def load_adapter(
-    model: torch.nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False, **kwargs
+    model: torch.nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
+    float_weights_path: Optional[str] = None, **kwargs
 ) -> PeftModel:
     """Load a saved DuDe/CorDA adapter onto the original base model and return the PeftModel.
 
     The residual base weights are rebuilt from the saved init factors (no SVD, no calibration data), so the result
-    reproduces the saved model's outputs. `kwargs` go to `peft.PeftModel.from_pretrained`.
+    reproduces the saved model's outputs. For a quantized base decomposed from its float checkpoint, that checkpoint is
+    read again: the saved `float_weights_path`, or `float_weights_path` given here (the same weights, elsewhere).
+    `kwargs` go to `peft.PeftModel.from_pretrained`.
     """
     config = load_config(path)
+    if float_weights_path is not None:
+        config.float_weights_path = float_weights_path
     weights = load_peft_weights(path, device="cpu")
     stored = _stored_init_factors(weights, path)
     names = {name for name, _ in model.named_modules()}

@@ -58,6 +58,7 @@ class _InitState:
     scaling: float
     config: Any = None  # the config of the injection that created it, until commit
     pending: bool = True  # base weight not yet replaced by the residual
+    float_source: Optional[tuple] = None  # (checkpoint, layer name, shape): quantized base decomposed from its float weight
 
 
 class _Injection:
@@ -295,7 +296,15 @@ class ResidualInitMixin:
                     f"adapter before DeepSpeed partitions the model (transformers loads a bitsandbytes model whole on "
                     f"every rank and the engine partitions it later, as trl_recipes.sft does), or use ZeRO-2/DDP."
                 )
-            if get_bnb_param_type(weight):  # bitsandbytes 8-bit / 4-bit: decompose the dequantized weight
+            float_source = None
+            if get_bnb_param_type(weight) and getattr(config, "float_weights_path", None):
+                # the float weight from the checkpoint: decompose it, quantize the residual once (QPiSSA)
+                from .quantization import float_weight
+
+                shape = (base.out_features, base.in_features)
+                float_source = (config.float_weights_path, name, shape)
+                W = float_weight(*float_source, method)
+            elif get_bnb_param_type(weight):  # bitsandbytes 8-bit / 4-bit: decompose the dequantized weight
                 try:
                     W = dequantized_weight(base).detach().float()
                 except ValueError as exc:
@@ -344,7 +353,7 @@ class ResidualInitMixin:
             # ZeRO-3: every rank decomposed the same gathered weight; make the result identical by construction
             for t in (lora_A, lora_B, magnitude):
                 broadcast_(t, src=0)
-        return _InitState(lora_A, lora_B, magnitude, scaling)
+        return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source)
 
     def reset_lora_parameters(self, adapter_name, init_lora_weights):
         state = getattr(self, "_peft_ext_state", {}).get(adapter_name)
@@ -369,9 +378,12 @@ class ResidualInitMixin:
                 continue
             base = self.get_base_layer()
             if get_bnb_param_type(base.weight):
-                from .quantization import requantize_residual
+                from .quantization import float_weight, requantize_residual
 
-                requantize_residual(base, state.lora_A, state.lora_B, state.scaling)
+                # the float weight is read again rather than held: all layers commit at the end of the injection
+                method = getattr(state.config, "peft_ext_method", "")
+                source = float_weight(*state.float_source, method) if state.float_source else None
+                requantize_residual(base, state.lora_A, state.lora_B, state.scaling, source=source)
             else:
                 with gather_params_ctx(base.weight, modifier_rank=0):
                     subtract_init_product_(base.weight.data, state.lora_A, state.lora_B, state.scaling,

@@ -12,6 +12,10 @@ merge (dequantize → merge → re-quantize) are peft's.
 
 from __future__ import annotations
 
+import functools
+import glob
+import json
+import os
 import sys
 from contextlib import contextmanager
 from typing import Optional
@@ -23,14 +27,18 @@ from peft.utils.integrations import get_bnb_param_type
 from .layer import ResidualInitMixin, dequantized_weight
 
 
-def requantize_residual(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> None:
-    """Replace a bitsandbytes layer's weight by quantize(dequantize(W) − s·B0·A0), in its own format."""
+def requantize_residual(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                        source: Optional[torch.Tensor] = None) -> None:
+    """Replace a bitsandbytes layer's weight by quantize(W − s·B0·A0), in its own format; W is `source` (the float
+    weight from the checkpoint, see `float_weight`) or else the dequantized weight."""
     import bitsandbytes as bnb
 
     weight = base.weight
-    dequantized = dequantized_weight(base)
-    residual = torch.addmm(dequantized.float(), lora_B.to(weight.device, torch.float32),
-                           lora_A.to(weight.device, torch.float32), alpha=-scaling).to(dequantized.dtype)
+    dequantized = dequantized_weight(base) if source is None else source
+    residual = torch.addmm(dequantized.to(weight.device, torch.float32), lora_B.to(weight.device, torch.float32),
+                           lora_A.to(weight.device, torch.float32), alpha=-scaling)
+    if source is None:
+        residual = residual.to(dequantized.dtype)
     kind = get_bnb_param_type(weight)
     if kind == "8bit":
         base.weight = bnb.nn.Int8Params(residual.cpu(), requires_grad=False,
@@ -43,6 +51,55 @@ def requantize_residual(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: tor
                                         module=weight.module).to(weight.device)
     else:  # pragma: no cover - callers check get_bnb_param_type first
         raise TypeError(f"not a bitsandbytes weight: {type(weight).__name__}")
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_index(path: str) -> dict[str, str]:
+    """tensor name -> safetensors file, for a .safetensors file or a folder (single file or sharded index)."""
+    from safetensors import safe_open
+
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    result = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            result.update(dict.fromkeys(f.keys(), file))
+    return result
+
+
+def float_weight(path: str, name: str, shape: tuple[int, int], method: str) -> torch.Tensor:
+    """The float32 weight (out, in) of layer `name` read from the checkpoint `path` (`float_weights_path`)."""
+    from safetensors import safe_open
+
+    fix = ("Fix: set float_weights_path to the float checkpoint the quantized model was loaded from, or to None to "
+           "decompose the dequantized weights.")
+    if not os.path.exists(path):
+        raise ValueError(f"peft_ext {method}: float_weights_path={path!r} does not exist (layer '{name}'). {fix}")
+    index = _checkpoint_index(path)
+    # the model's module names may carry a prefix the checkpoint of a base-model class does not have, or vice versa
+    parts = name.split(".")
+    keys = [".".join(parts[i:]) + ".weight" for i in range(len(parts))]
+    key = next((k for k in keys if k in index), None)
+    if key is None:
+        raise ValueError(
+            f"peft_ext {method}: float_weights_path={path!r} has no tensor '{name}.weight' for layer '{name}'. {fix}"
+        )
+    with safe_open(index[key], framework="pt") as f:
+        tensor = f.get_tensor(key)
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"peft_ext {method}: '{key}' in float_weights_path={path!r} has shape {tuple(tensor.shape)}, but layer "
+            f"'{name}' is {tuple(shape)}. {fix}"
+        )
+    if not tensor.is_floating_point():
+        raise ValueError(f"peft_ext {method}: '{key}' in float_weights_path={path!r} is {tensor.dtype}. {fix}")
+    return tensor.float()
 
 
 def bnb_layer_class(base: torch.nn.Module) -> Optional[type]:

@@ -37,11 +37,12 @@ def load(path, bits):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=q)
 
 
-def adapt(model, method):
+def adapt(model, method, **kwargs):
     if method == "dude":
-        config = DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear")
+        config = DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
     else:
-        config = CorDAConfig(r=4, lora_alpha=8, target_modules="all-linear", corda_method=method.split("-")[1])
+        config = CorDAConfig(r=4, lora_alpha=8, target_modules="all-linear", corda_method=method.split("-")[1],
+                             **kwargs)
         calibrate(model, config, token_batches(), verbose=False)
     return get_peft_model(model, config)
 
@@ -82,6 +83,83 @@ def test_quantized_init_train_save_load_export(bits, method, fp32_dir, tmp_path)
     assert rel_err(plain, trained) < 2.5 * err_base
 
 
+@pytest.mark.parametrize("method", ["dude", "corda-kpm"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decomposition_from_the_float_checkpoint(bits, method, fp32_dir, tmp_path):
+    """float_weights_path: decompose the float weight, quantize the residual once (QPiSSA) — closer to the float
+    model than dequantize → decompose → quantize again, and reloaded exactly from the same checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from peft_ext.layer import dequantized_weight
+
+    from .helpers import assert_same_state, state_snapshot
+
+    x = sample_input()
+    fp32 = logits(make_tiny("llama", intermediate=INTERMEDIATE), x)
+    double_model = adapt(load(fp32_dir, bits), method)
+    double = logits(double_model, x)
+    model = adapt(load(fp32_dir, bits), method, float_weights_path=fp32_dir)
+    single = logits(model, x)
+    # DuDe moves the principal part out of the quantized base, so quantizing once is clearly better; KPM's adapter
+    # holds the smallest components and its residual is nearly W: re-quantizing it changes little either way
+    slack = 1.0 if method == "dude" else 1.02
+    assert rel_err(single, fp32) < slack * rel_err(double, fp32), (rel_err(single, fp32), rel_err(double, fp32))
+
+    name = "model.layers.1.mlp.up_proj"
+    W = load_file(os.path.join(fp32_dir, "model.safetensors"))[name + ".weight"]
+
+    def residual_error(m):
+        """|stored residual − (float W − s·B0·A0)|: what the frozen base gets wrong against the float model"""
+        layer = m.base_model.model.get_submodule(name)
+        init = layer.scaling["default"] * layer.lora_init_B["default"] @ layer.lora_init_A["default"]
+        return (dequantized_weight(layer.get_base_layer()).float() - (W - init)).abs()
+
+    err, err_double = residual_error(model), residual_error(double_model)
+    assert err.mean() < 0.8 * err_double.mean(), (err.mean(), err_double.mean())
+    if bits == 8:  # one row-wise int8 rounding (of the fp16-cast residual): about half a step of max|row|/127
+        layer = model.base_model.model.get_submodule(name)
+        residual = W - layer.scaling["default"] * layer.lora_init_B["default"] @ layer.lora_init_A["default"]
+        assert (err <= 0.55 * residual.abs().amax(dim=1, keepdim=True) / 127).all()
+    layer = model.base_model.model.get_submodule(name)
+    if method == "dude":  # the magnitude is the float weight's row norm
+        torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight, W.norm(dim=1))
+
+    perturb_trainable(model)
+    trained = logits(model, x)
+    model.save_pretrained(tmp_path / "saved")
+    assert load_config_field(tmp_path / "saved", "float_weights_path") == fp32_dir
+    assert rel_err(logits(load_adapter(load(fp32_dir, bits), str(tmp_path / "saved")), x), trained) <= 1e-5
+    copy = shutil.copytree(fp32_dir, tmp_path / "elsewhere")  # the same weights in another place
+    reloaded = load_adapter(load(fp32_dir, bits), str(tmp_path / "saved"), float_weights_path=str(copy))
+    assert rel_err(logits(reloaded, x), trained) <= 1e-5
+
+    fresh = load(fp32_dir, bits)  # a missing checkpoint: clear error, model untouched
+    before = state_snapshot(fresh)
+    with pytest.raises(ValueError, match="float_weights_path=.*does not exist.*Fix"):
+        load_adapter(fresh, str(tmp_path / "saved"), float_weights_path=str(tmp_path / "nowhere"))
+    assert_same_state(before, fresh)
+
+
+def test_float_checkpoint_of_another_model_is_refused(fp32_dir, tmp_path):
+    from .helpers import assert_same_state, state_snapshot
+
+    other = tmp_path / "other"
+    make_tiny("qwen2").save_pretrained(other)
+    model = load(fp32_dir, 4)
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match="float_weights_path=.*(has no tensor|has shape).*Fix"):
+        adapt(model, "dude", float_weights_path=str(other))
+    assert_same_state(before, model)
+
+
+def load_config_field(path, key):
+    import json
+
+    return json.load(open(os.path.join(path, "adapter_config.json")))[key]
+
+
 @pytest.mark.parametrize("flag", ["--load_in_8bit", "--load_in_4bit"])
 def test_sft_with_quantized_base(flag, tiny_model_dir, tmp_path):
     """The recipe trains on a quantized base: the held-out answers before training must not repack the 4-bit weights
@@ -97,6 +175,8 @@ def test_sft_with_quantized_base(flag, tiny_model_dir, tmp_path):
     check_finished_run(out, "dude")
     state = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
     assert {v.dtype for v in state.values()} == {torch.float32}
+    # --float_weights auto: the model's own float checkpoint was decomposed, the residual quantized once
+    assert load_config_field(out / "adapter", "float_weights_path") == tiny_model_dir
 
 
 def test_quantization_checks_for_zero3():

@@ -140,6 +140,8 @@ def test_bad_input_exits_with_one_line_and_no_output(tmp_path, capsys):
     assert "does not exist" in one_error_line(capsys)
     assert main(["--max_stepz", "3", "--output_dir", str(out)]) == 2
     assert "--max_stepz" in one_error_line(capsys)
+    assert main(["--load_in_4bit", "--float_weights", str(tmp_path / "nowhere"), "--output_dir", str(out)]) == 2
+    assert "--float_weights" in one_error_line(capsys)
     assert not out.exists()
 
 

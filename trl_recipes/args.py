@@ -47,6 +47,16 @@ class PeftMethodArguments:
     calibration_cache: Optional[str] = field(
         default=None, metadata={"help": "corda: safetensors cache of the covariances (read if valid, else written)."}
     )
+    float_weights: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "dude/corda with --load_in_8bit/--load_in_4bit: decompose the float weights read from this safetensors "
+                "checkpoint and quantize the residual once (peft_ext's float_weights_path). 'auto': the model's own "
+                "checkpoint (local folder or Hub cache); 'none': decompose the dequantized weights; or a path."
+            )
+        },
+    )
     eval_examples: int = field(
         default=3, metadata={"help": "Held-out examples answered before and after training (0: skip)."}
     )
@@ -62,7 +72,7 @@ class PeftMethodArguments:
             raise ValueError(f"--corda_method {self.corda_method!r}: use 'kpm' or 'ipm'.")
 
 
-def get_peft_config(model_args, method_args: PeftMethodArguments):
+def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_path: Optional[str] = None):
     """The peft config for `--peft_method`, from TRL's ModelConfig (`--lora_r`, `--lora_alpha`, ...)."""
     common = dict(
         r=model_args.lora_r,
@@ -84,7 +94,8 @@ def get_peft_config(model_args, method_args: PeftMethodArguments):
         init = "pissa" if method_args.svd_niter is None else f"pissa_niter_{method_args.svd_niter}"
         return LoraConfig(**common, init_lora_weights=init)
     if method == "dude":
-        return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed)
+        return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed,
+                          float_weights_path=float_weights_path)
     return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
                        svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,
-                       svd_seed=method_args.svd_seed)
+                       svd_seed=method_args.svd_seed, float_weights_path=float_weights_path)

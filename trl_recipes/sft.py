@@ -24,6 +24,7 @@ import resource
 import shutil
 import sys
 import time
+from typing import Optional
 
 from .args import DEFAULT_RECIPE, DEFAULT_TEST_FILE, DEFAULT_TRAIN_FILE, PeftMethodArguments, get_peft_config
 from .dataset import DataError, load_split, prompt_and_reference, to_sft_format
@@ -74,6 +75,31 @@ def check_quantization(model_args, zero3: bool) -> None:
                 f"--bnb_4bit_quant_storage {model_args.bnb_4bit_quant_storage} differs from the compute dtype "
                 f"--dtype {dtype}; ZeRO-3 needs them equal. Fix: --bnb_4bit_quant_storage {dtype}."
             )
+
+
+def float_weights_path(method_args, model_args, model_path: str, check_only: bool = False) -> Optional[str]:
+    """The float checkpoint DuDe/CorDA decompose on a quantized base (`--float_weights`), or None."""
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    choice = method_args.float_weights
+    if not quantized or method_args.peft_method not in ("dude", "corda") or choice.lower() == "none":
+        return None
+    if choice != "auto":
+        if not os.path.exists(choice):
+            raise RecipeError(f"--float_weights {choice}: no such file or folder. Fix: the folder of the model's "
+                              f"safetensors checkpoint, 'auto', or 'none'.")
+        return choice
+    if check_only:
+        return None
+    if os.path.isdir(model_path):
+        found = [f for f in os.listdir(model_path) if f.endswith(".safetensors")]
+        return model_path if found else None
+    try:  # a Hub model: its files are in the local cache after from_pretrained
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_path, revision=model_args.model_revision, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.safetensors.index.json"])
+    except Exception:  # noqa: BLE001 - no local safetensors: decompose the dequantized weights
+        return None
 
 
 def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> None:
@@ -183,6 +209,7 @@ def run(argv=None) -> dict:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     check_quantization(model_args, zero3=is_deepspeed_zero3_enabled())
+    float_weights_path(method_args, model_args, "", check_only=True)  # a bad --float_weights fails before the load
     train, held_out = load_datasets(script_args, training_args, method_args)
 
     import torch
@@ -224,7 +251,10 @@ def run(argv=None) -> dict:
     with gathered_forward(model), no_cpu_repacking(model):
         before = generate(model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
 
-    peft_config = get_peft_config(model_args, method_args)
+    float_weights = float_weights_path(method_args, model_args, model_path)
+    if float_weights:
+        log(f"[trl_recipes] quantized base: decomposing the float weights of {float_weights}, residual quantized once")
+    peft_config = get_peft_config(model_args, method_args, float_weights_path=float_weights)
     if method_args.peft_method == "corda":
         text_field = method_args.calibration_text_field
         calibrate(model, peft_config, calibration_data(method_args, train), tokenizer=tokenizer,
