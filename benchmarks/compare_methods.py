@@ -49,8 +49,12 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    with open(path, "w") as f:
+    """Written once and atomically: another driver's runs may be reading it (the content is deterministic)."""
+    if os.path.isfile(path):
+        return
+    with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
 
 
 def prepare_data(data_dir: str, work: str, args) -> dict:
@@ -168,6 +172,8 @@ def main() -> None:
     ap.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "compare"))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lrs", default="3e-5,1e-4,4e-4", help="learning-rate grid, swept on seed 0")
+    ap.add_argument("--lr_extensions", type=int, default=1,
+                    help="extend the grid past an edge that wins, this many steps at most")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch_size", type=int, default=4)
@@ -194,12 +200,24 @@ def main() -> None:
     print(f"base model: {base}", flush=True)
 
     def run_and_eval(method, lr, seed, full):
-        out = train_run(method, lr, seed, args.work_dir, paths, args)
-        cache = os.path.join(out, "compare_eval.json")
-        ev = json.load(open(cache)) if os.path.isfile(cache) else {}
-        if "val_nll" not in ev or (full and "task_nll" not in ev):
-            ev = evaluate_adapter(os.path.join(out, "adapter"), records, args, full=full)
-            json.dump(ev, open(cache, "w"))
+        # a lock per run: two drivers (e.g. `--methods` split over two processes with OMP_NUM_THREADS=1) share the
+        # work directory; one trains and evaluates a run, the other waits for it and reads the results
+        lock = os.path.join(args.work_dir, "runs", f"{method}_lr{lr:g}_s{seed}.lock")
+        while True:
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                break
+            except FileExistsError:
+                time.sleep(10)
+        try:
+            out = train_run(method, lr, seed, args.work_dir, paths, args)
+            cache = os.path.join(out, "compare_eval.json")
+            ev = json.load(open(cache)) if os.path.isfile(cache) else {}
+            if "val_nll" not in ev or (full and "task_nll" not in ev):
+                ev = evaluate_adapter(os.path.join(out, "adapter"), records, args, full=full)
+                json.dump(ev, open(cache, "w"))
+        finally:
+            os.remove(lock)
         metrics = json.load(open(os.path.join(out, "metrics.json")))
         return {**ev, "loss_history": metrics["loss_history"], "seconds_per_step": metrics["seconds_per_step"],
                 "peak_rss_mb": metrics["peak_rss_mb"], "lr": lr, "seed": seed}
@@ -207,9 +225,21 @@ def main() -> None:
     sweep, best_lr, results = {}, {}, {}
     for method in methods:  # learning-rate sweep on seed 0, selected on the GSM8K validation NLL
         sweep[method] = {lr: run_and_eval(method, lr, 0, full=False) for lr in lrs}
-        best_lr[method] = min(lrs, key=lambda lr: sweep[method][lr]["val_nll"])
-        print(f"{method}: val NLL {[round(sweep[method][lr]['val_nll'], 4) for lr in lrs]} -> lr {best_lr[method]:g}",
-              flush=True)
+        # a best rate on the edge of the grid is not a best rate: extend the grid one step beyond that edge
+        # (geometric, same ratio as the grid's outer step), at most --lr_extensions times
+        for _ in range(args.lr_extensions):
+            tried = sorted(sweep[method])
+            best = min(tried, key=lambda lr: sweep[method][lr]["val_nll"])
+            if best == tried[-1]:
+                nxt = float(f"{best * tried[-1] / tried[-2]:.2g}")
+            elif best == tried[0]:
+                nxt = float(f"{best * tried[0] / tried[1]:.2g}")
+            else:
+                break
+            sweep[method][nxt] = run_and_eval(method, nxt, 0, full=False)
+        best_lr[method] = min(sweep[method], key=lambda lr: sweep[method][lr]["val_nll"])
+        print(f"{method}: val NLL {[(lr, round(v['val_nll'], 4)) for lr, v in sorted(sweep[method].items())]} "
+              f"-> lr {best_lr[method]:g}", flush=True)
     for method in methods:
         results[method] = [run_and_eval(method, best_lr[method], seed, full=True) for seed in range(args.seeds)]
     minutes = (time.time() - t0) / 60
@@ -223,21 +253,25 @@ def main() -> None:
             fmt(mean_std([r["knowledge_em"] - base["knowledge_em"] for r in runs]), 2),
             fmt(mean_std([r["loss_history"][min(9, len(r["loss_history"]) - 1)][1] for r in runs])),
             fmt(mean_std([r["loss_history"][-1][1] for r in runs])),
-            fmt(get("seconds_per_step"), 2), f"{statistics.mean(r['peak_rss_mb'] for r in runs):.0f}",
+            f"{min(r['seconds_per_step'] for r in runs):.2f}", f"{statistics.mean(r['peak_rss_mb'] for r in runs):.0f}",
         ])
-    sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" for lr in lrs], f"{best_lr[m]:g}"] for m in methods]
+    all_lrs = sorted({lr for m in methods for lr in sweep[m]})
+    sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
+                   f"{best_lr[m]:g}"] for m in methods]
     plots(results, base, args.out)
     cmd = (f"python benchmarks/compare_methods.py --lrs {args.lrs} --seeds {args.seeds} --steps {args.steps} "
            f"--batch_size {args.batch_size} --max_length {args.max_length} --calibration_samples "
            f"{args.calibration_samples} --val_examples {args.val_examples} --task_examples {args.task_examples} "
-           f"--em_examples {args.em_examples} --knowledge_examples {args.knowledge_examples}")
+           f"--em_examples {args.em_examples} --knowledge_examples {args.knowledge_examples} "
+           f"--lr_extensions {args.lr_extensions}")
     report = "\n\n".join([
         "# LoRA, PiSSA, DoRA, DuDe, CorDA-KPM, CorDA-IPM on SmolLM2-135M-Instruct (GSM8K, r=16)",
         f"Command: `{cmd}`  \nMachine: {machine()}  \nDate: {stamp()}  \nWall time: {minutes:.0f} min",
         f"Setup: SmolLM2-135M-Instruct (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, {args.steps} "
         f"steps of batch {args.batch_size} (≤ {args.max_length} tokens, completion-only loss) on GSM8K train, "
-        f"cosine schedule, {args.seeds} seeds. Learning rate: the better of {lrs} on seed 0 by the answer NLL of "
-        f"{args.val_examples} problems held out from GSM8K train. Task: GSM8K test, answer NLL on "
+        f"cosine schedule, {args.seeds} seeds. Learning rate: the best of {lrs} on seed 0 by the answer NLL of "
+        f"{args.val_examples} problems held out from GSM8K train; a rate winning on the grid's edge extends the grid "
+        f"one step past it (up to {args.lr_extensions} time(s)). Task: GSM8K test, answer NLL on "
         f"{args.task_examples} problems, exact match of the final number on the first {args.em_examples} (greedy, "
         f"≤ {args.task_max_new_tokens} new tokens). Knowledge: NQ-open dev, {args.knowledge_examples} questions, "
         f"gold-answer NLL and normalised exact match of a short greedy answer. CorDA-KPM calibrated on "
@@ -247,9 +281,9 @@ def main() -> None:
         f"NLL {base['knowledge_nll']:.3f}, exact match {base['knowledge_em']:.2f}.",
         "## Results (mean ± std over seeds)\n\n" + markdown_table(
             ["method", "lr", "GSM8K answer NLL ↓", "GSM8K EM ↑", "NQ gold NLL change ↓ (forgetting)",
-             "NQ EM change", "train loss @ step 10", "train loss @ last", "s/step", "peak RSS MB"], rows),
+             "NQ EM change", "train loss @ step 10", "train loss @ last", "s/step (min over seeds)", "peak RSS MB"], rows),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
-            ["method", *[f"lr {lr:g}" for lr in lrs], "chosen"], sweep_rows),
+            ["method", *[f"lr {lr:g}" for lr in all_lrs], "chosen"], sweep_rows),
         f"Plots: [loss curves]({os.path.basename(args.out)}_loss.png), "
         f"[knowledge change vs task gain]({os.path.basename(args.out)}_knowledge_vs_task.png).",
     ])
