@@ -9,7 +9,13 @@ run at that rate. Every adapter is evaluated on
 and the runs record their loss curve, seconds per step and peak memory. CorDA-KPM is calibrated on NQ-open questions
 from the EfficientQA dev file (disjoint from the evaluated NQ-open dev questions), CorDA-IPM on GSM8K train questions.
 
-    python benchmarks/compare_methods.py        # about 70 minutes on 2 CPU cores; writes benchmarks/results/compare_*
+    python benchmarks/compare_methods.py        # about 2 hours on 2 CPU cores; writes benchmarks/results/compare_*
+
+or split over two drivers that share the work directory (a lock per run), then collect (every run cached):
+
+    OMP_NUM_THREADS=1 python benchmarks/compare_methods.py --methods LoRA,PiSSA,DoRA --out /tmp/a &
+    OMP_NUM_THREADS=1 python benchmarks/compare_methods.py --methods DuDe,CorDA-KPM,CorDA-IPM --out /tmp/b
+    wait; python benchmarks/compare_methods.py
 
 The learning rate is selected on task validation loss only; nothing here looks at the knowledge metrics or at the
 papers' expected orderings before the table is written.
@@ -267,7 +273,7 @@ def main() -> None:
            f"--lr_extensions {args.lr_extensions}")
     report = "\n\n".join([
         "# LoRA, PiSSA, DoRA, DuDe, CorDA-KPM, CorDA-IPM on SmolLM2-135M-Instruct (GSM8K, r=16)",
-        f"Command: `{cmd}`  \nMachine: {machine()}  \nDate: {stamp()}  \nWall time: {minutes:.0f} min",
+        f"Command: `{cmd}` (run here as two drivers side by side, see the script's docstring)  \nMachine: {machine()}  \nDate: {stamp()}  \nWall time: {minutes:.0f} min",
         f"Setup: SmolLM2-135M-Instruct (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, {args.steps} "
         f"steps of batch {args.batch_size} (≤ {args.max_length} tokens, completion-only loss) on GSM8K train, "
         f"cosine schedule, {args.seeds} seeds. Learning rate: the best of {lrs} on seed 0 by the answer NLL of "
