@@ -250,6 +250,9 @@ def main() -> None:
         results[method] = [run_and_eval(method, best_lr[method], seed, full=True) for seed in range(args.seeds)]
     minutes = (time.time() - t0) / 60
 
+    every = [json.load(open(os.path.join(args.work_dir, "runs", f"{m}_lr{lr:g}_s{seed}", "metrics.json")))
+             for m in methods for lr, seed in {*((lr, 0) for lr in sweep[m]), *((best_lr[m], s) for s in range(args.seeds))}]
+    n_runs, train_minutes = len(every), sum(m["train_seconds"] for m in every) / 60
     rows = []
     for method, runs in results.items():
         get = lambda k: mean_std([r[k] for r in runs])  # noqa: E731
@@ -273,7 +276,9 @@ def main() -> None:
            f"--lr_extensions {args.lr_extensions}")
     report = "\n\n".join([
         "# LoRA, PiSSA, DoRA, DuDe, CorDA-KPM, CorDA-IPM on SmolLM2-135M-Instruct (GSM8K, r=16)",
-        f"Command: `{cmd}` (run here as two drivers side by side, see the script's docstring)  \nMachine: {machine()}  \nDate: {stamp()}  \nWall time: {minutes:.0f} min",
+        f"Command: `{cmd}` (run here as two drivers side by side, see the script's docstring)  \nMachine: {machine()}  "
+        f"\nDate: {stamp()}  \nRuns: {n_runs} training runs, {train_minutes:.0f} min of training in all (this "
+        f"invocation: {minutes:.0f} min; finished runs are reused)",
         f"Setup: SmolLM2-135M-Instruct (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, {args.steps} "
         f"steps of batch {args.batch_size} (≤ {args.max_length} tokens, completion-only loss) on GSM8K train, "
         f"cosine schedule, {args.seeds} seeds. Learning rate: the best of {lrs} on seed 0 by the answer NLL of "
