@@ -197,3 +197,24 @@ def test_evaluate_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
                  "--output_dir", str(tmp_path / "eval2")]) == 0
     merged_result = json.load(open(tmp_path / "eval2" / "eval.json"))
     assert abs(merged_result["after"]["task"]["answer_nll"] - result["after"]["task"]["answer_nll"]) < 1e-4
+
+
+def test_evaluate_takes_the_converted_pissa_adapter(tiny_model_dir, tmp_path):
+    """peft rebuilds a PiSSA adapter's base by running PiSSA again; a randomized sketch (pissa_niter_*) does not
+    reproduce training's, so the evaluation loads the converted plain adapter beside it, or refuses."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trl_recipes.dataset import DataError
+    from trl_recipes.evaluate import load_for_eval
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(DataError, match="PiSSA.*Fix.*adapter_plain_peft"):
+        load_for_eval(tiny_model_dir, adapter=str(run / "adapter"))
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, target_modules="all-linear"))
+    plain.save_pretrained(run / "adapter_plain_peft")
+    _, after, _ = load_for_eval(tiny_model_dir, adapter=str(run / "adapter"))
+    assert after().peft_config["default"].init_lora_weights is True

@@ -200,7 +200,22 @@ def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optiona
         if not os.path.isfile(config_file):
             raise DataError(f"--adapter '{adapter}' has no adapter_config.json.")
         with open(config_file) as f:
-            is_peft_ext = "peft_ext_method" in json.load(f)
+            adapter_config = json.load(f)
+        is_peft_ext = "peft_ext_method" in adapter_config
+        init = str(adapter_config.get("init_lora_weights"))
+        if init.startswith("pissa"):
+            # peft reloads a PiSSA adapter by running PiSSA on the base again; with a randomized SVD
+            # (pissa_niter_*) the sketch differs from training's and the residual does not match. The converted
+            # plain LoRA that trl_recipes.sft writes beside it applies to the untouched base exactly.
+            plain = os.path.join(os.path.dirname(os.path.abspath(adapter)), "adapter_plain_peft")
+            if os.path.isfile(os.path.join(plain, "adapter_config.json")):
+                adapter = plain
+            elif init != "pissa":
+                raise DataError(
+                    f"--adapter '{adapter}' is a PiSSA adapter (init_lora_weights={init}) relative to a residual "
+                    f"base that a randomized SVD cannot rebuild. Fix: evaluate its converted plain adapter "
+                    f"(adapter_plain_peft, written by trl_recipes.sft)."
+                )
 
         def after():
             if is_peft_ext:
