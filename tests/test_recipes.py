@@ -218,3 +218,36 @@ def test_evaluate_takes_the_converted_pissa_adapter(tiny_model_dir, tmp_path):
     plain.save_pretrained(run / "adapter_plain_peft")
     _, after, _ = load_for_eval(tiny_model_dir, adapter=str(run / "adapter"))
     assert after().peft_config["default"].init_lora_weights is True
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_nll_equals_the_full_logits_reference(tiny_model_dir, arch):
+    """answer_nll scores only the answer positions (logits_to_keep); it must equal log_softmax over all logits, with
+    prompts of different lengths in one batch, for a model that takes logits_to_keep and through a PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from trl_recipes.evaluate import _chat_text, answer_nll
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    else:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=512))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 2+3?", "A much longer question, " * 6, "Hi")]
+    answers = ["It is 5.\n#### 5", "Short.", "A longer answer " * 5]
+
+    @torch.no_grad()
+    def reference(p, a):
+        n = len(tokenizer(_chat_text(tokenizer, p, True), add_special_tokens=False)["input_ids"])
+        ids = tokenizer(_chat_text(tokenizer, p + [{"role": "assistant", "content": a}], False),
+                        add_special_tokens=False, return_tensors="pt")["input_ids"]
+        logp = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+        return -logp[torch.arange(n - 1, ids.shape[1] - 1), ids[0, n:]].mean().item()
+
+    got = answer_nll(model, tokenizer, prompts, answers, batch_size=2)  # two batches, sorted by length
+    want = [reference(p, a) for p, a in zip(prompts, answers)]
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
