@@ -1,0 +1,98 @@
+"""benchmarks/compare_methods.py: the verdict rules on synthetic runs, and the whole driver on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.compare_methods import early_loss, paired, verdicts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+BASE = {"task_nll": 1.5, "knowledge_nll": 4.5}
+
+
+def run(task_nll, knowledge_nll, losses):
+    return {"task_nll": task_nll, "knowledge_nll": knowledge_nll, "loss_history": list(enumerate(losses, start=1))}
+
+
+def seeds(task, know, early=1.0, jitter=(0.0, 0.01, -0.01)):
+    """Three seeds around the given means; step 1 (before any update) has the same loss for every method."""
+    return [run(task + j, know + j, [2.0, early + j, early + j, 0.5]) for j in jitter]
+
+
+def verdict_of(results, claim_start):
+    return next(v for c, v, _ in verdicts(results, BASE) if c.startswith(claim_start))
+
+
+def test_paired_differences_and_early_loss():
+    assert paired([1.0, 2.0, 3.0], [0.5, 1.5, 2.5]) == (0.5, 0.0)
+    m, se = paired([1.0, 2.0], [0.0, 0.0])
+    assert m == 1.5 and se == pytest.approx(0.5)
+    # steps 2 .. half: step 1 is the unchanged base model's loss and is left out
+    assert early_loss(run(0, 0, [9.0, 1.0, 3.0, 0.0, 0.0, 0.0])) == 2.0
+
+
+@pytest.mark.parametrize("kpm_gain,kpm_forget,expected", [
+    (0.60, 0.00, "holds"),                          # forgets less, same gain
+    (0.40, 0.00, "not at comparable task gain"),    # forgets less but learns much less
+    (0.60, 0.40, "does not hold"),                  # forgets more
+    (0.60, 0.195, "not shown (within noise)"),      # a difference inside the seeds' noise
+])
+def test_kpm_verdict(kpm_gain, kpm_forget, expected):
+    lora = seeds(BASE["task_nll"] - 0.6, BASE["knowledge_nll"] + 0.2)
+    kpm = [run(BASE["task_nll"] - kpm_gain + j, BASE["knowledge_nll"] + kpm_forget + 3 * j, [2.0, 1.0, 1.0, 0.5])
+           for j in (0.0, 0.01, -0.01)]
+    assert verdict_of({"LoRA": lora, "CorDA-KPM": kpm}, "CorDA-KPM forgets less") == expected
+
+
+def test_ipm_verdicts_compare_early_loss_to_each_method():
+    results = {"LoRA": seeds(0.9, 4.5, early=1.2), "PiSSA": seeds(0.9, 4.5, early=0.9),
+               "CorDA-IPM": seeds(0.9, 4.5, early=1.0)}
+    assert verdict_of(results, "CorDA-IPM learns faster than LoRA") == "holds"
+    assert verdict_of(results, "CorDA-IPM learns faster than PiSSA") == "does not hold"
+
+
+def test_dude_verdict_needs_a_match_and_a_smaller_spread():
+    dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
+    assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
+    assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5, jitter=(0.0, 0.03, -0.03))}, "DuDe") == \
+        "matches, spread not smaller"
+    assert verdict_of({"DoRA": dora, "DuDe": seeds(1.00, 4.5)}, "DuDe") == "does not hold"
+    assert [c for c, _, _ in verdicts({"DoRA": dora}, BASE)] == []  # only the claims whose methods ran
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the benchmark data lives in ../shared/data (CI has it)")
+def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """Sweep with an edge extension, seeds, evaluations, resume from the cache, report, JSON and plots."""
+    work, out = tmp_path / "work", tmp_path / "results" / "cmp"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "compare_methods.py"), "--model", tiny_model_dir,
+           "--methods", "LoRA,CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
+           "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
+           "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
+           "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.load(open(f"{out}.json"))
+    for method in ("LoRA", "CorDA-KPM"):
+        sweep = data["sweep"][method]
+        assert len(sweep) == 3  # the grid, plus one step past its winning edge
+        assert data["best_lr"][method] == float(min(sweep, key=lambda lr: sweep[lr]["val_nll"]))
+        runs = data["results"][method]
+        assert [r["seed"] for r in runs] == [0, 1] and all(r["lr"] == data["best_lr"][method] for r in runs)
+        assert all(len(r["loss_history"]) == 2 and r["task_nll"] > 0 and r["knowledge_nll"] > 0 for r in runs)
+    assert os.path.isfile(work / "kpm_covariance.safetensors")  # calibrated once, read by the other KPM runs
+    report = open(f"{out}.md").read()
+    assert "CorDA-KPM forgets less than LoRA" in report and "--model" in report
+    assert os.path.getsize(f"{out}_loss.png") > 0 and os.path.getsize(f"{out}_knowledge_vs_task.png") > 0
+    # a second invocation reuses every finished run and evaluation: nothing trains again
+    mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert mtimes and all(os.path.getmtime(p) == t for p, t in mtimes.items())
+    assert json.load(open(f"{out}.json"))["results"] == data["results"]
