@@ -80,8 +80,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def stamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+def stamp(t: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
 
 
 def write_report(out_md: str, report: str, data: dict | None = None) -> None:

@@ -12,15 +12,19 @@ of the EfficientQA dev file that are not among the evaluated NQ-open dev questio
 
     python benchmarks/compare_methods.py              # ~1 hour on 2 CPU cores; writes benchmarks/results/compare_methods*
 
-Runs go to two worker processes of one thread each (`--workers`; two 1-thread processes get ~1.25x the throughput of
-one 2-thread process on this model). Finished runs and evaluations are cached in `--work_dir`, so an interrupted run
-resumes where it stopped. The learning rate is selected on task validation loss only; the report's verdicts on the
+Each run (its training, then its evaluation) is one subprocess; two run at a time with one thread each (`--workers`:
+two 1-thread processes get ~1.25x the throughput of one 2-thread process on this model), the grid's extensions ahead
+of the rest. Finished runs and evaluations are cached in `--work_dir`, so an interrupted run resumes where it stopped;
+the report states the wall time of every invocation that worked on that directory. The learning rate is selected on task validation loss only; the report's verdicts on the
 papers' orderings are computed from the final runs by the fixed rules in `verdicts()`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import heapq
+import itertools
 import json
 import math
 import os
@@ -93,38 +97,77 @@ def prepare_data(data_dir: str, work: str, args) -> dict:
     return paths
 
 
-# --- evaluation worker (a subprocess of the driver) -----------------------------------------------------------------
+# --- one run: a subprocess of the driver -----------------------------------------------------------------------------
 
 
-def evaluate_worker(args) -> None:
-    """`--evaluate ADAPTER|base`: validation NLL, and with --full the task and knowledge metrics; JSON to --eval_out."""
+def run_dir(work: str, method: str, lr: float, seed: int) -> str:
+    return os.path.join(work, "runs", f"{method}_lr{lr:g}_s{seed}")
+
+
+def train_argv(args, method: str, lr: float, seed: int) -> list[str]:
+    """`trl_recipes.sft` arguments of one run."""
+    recipe, extra = METHODS[method]
+    return ["--config", os.path.join(SMOL, recipe), "--dataset_name", os.path.join(args.work_dir, "train.jsonl"),
+            "--output_dir", run_dir(args.work_dir, method, lr, seed), "--learning_rate", str(lr),
+            "--seed", str(seed), "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
+            "--max_length", str(args.max_length), "--logging_steps", "1", "--eval_examples", "0",
+            "--calibration_samples", str(args.calibration_samples), "--warmup_steps", str(max(args.steps // 10, 1)),
+            *(["--model_name_or_path", args.model] if args.model else []),
+            *[e.format(work=args.work_dir) for e in extra]]
+
+
+def job_worker(args) -> None:
+    """`--job base|METHOD,LR,SEED`: train the run unless it finished before, then evaluate it, in one process (one
+    start-up and one model load less per run than a training process and an evaluation process).
+
+    The evaluation: the validation NLL (what the sweep selects on; `--need_val`), and with `--full` the task and
+    knowledge metrics. The adapter is loaded from its saved directory (PiSSA through its plain export, see
+    trl_recipes.evaluate) and merged into the weights: the same function, and a plain forward is faster than an
+    adapter's (DoRA-style ones most). Training's peak memory is recorded in metrics.json before the evaluation."""
+    import gc
+
     import torch
 
     from trl_recipes.dataset import prompt_and_reference
     from trl_recipes.evaluate import answer_nll, evaluate, load_for_eval
 
-    paths = {k: os.path.join(args.work_dir, f"{k}.jsonl") for k in ("val", "test", "nq")}
-    records = {k: read_jsonl(p) for k, p in paths.items()}
-    adapter = None if args.evaluate == "base" else args.evaluate
+    if args.job == "base":
+        adapter, eval_out = None, os.path.join(args.work_dir, "base_eval.json")
+    else:
+        method, lr, seed = args.job.split(",")
+        out = run_dir(args.work_dir, method, float(lr), int(seed))
+        if not os.path.isfile(os.path.join(out, "metrics.json")):
+            from trl_recipes.sft import run
+
+            run(train_argv(args, method, float(lr), int(seed)))
+            gc.collect()
+        adapter, eval_out = os.path.join(out, "adapter"), os.path.join(out, "compare_eval.json")
+    result = json.load(open(eval_out)) if os.path.isfile(eval_out) else {}
+    need_val = args.need_val and "val_nll" not in result
+    if not need_val and (not args.full or "task_nll" in result):
+        return
+    records = {k: read_jsonl(os.path.join(args.work_dir, f"{k}.jsonl")) for k in ("val", "test", "nq")}
     base, after, tokenizer = load_for_eval(args.model, adapter=adapter)
     model = after() if adapter else base
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.eval()
     torch.manual_seed(0)
-    out = json.load(open(args.eval_out)) if os.path.isfile(args.eval_out) else {}  # the sweep's validation NLL
-    if "val_nll" not in out:
+    if need_val:
         prompts, refs = zip(*(prompt_and_reference(r) for r in records["val"]))
-        out["val_nll"] = statistics.mean(answer_nll(model, tokenizer, list(prompts), list(refs)))
-    if args.full:
-        result = evaluate(model, tokenizer, records["test"][: args.em_examples], records["nq"],
-                          task_max_new_tokens=args.task_max_new_tokens, generation_batch_size=32)
+        result["val_nll"] = statistics.mean(answer_nll(model, tokenizer, list(prompts), list(refs)))
+    if args.full and "task_nll" not in result:
+        ev = evaluate(model, tokenizer, records["test"][: args.em_examples], records["nq"],
+                      task_max_new_tokens=args.task_max_new_tokens, generation_batch_size=64)
         # the NLL over the whole test subset (exact match uses its first em_examples: generation is the slow part)
         tp, tr = zip(*(prompt_and_reference(r) for r in records["test"]))
-        out.update(task_em=result["task"]["exact_match"],
-                   task_nll=statistics.mean(answer_nll(model, tokenizer, list(tp), list(tr))),
-                   knowledge_em=result["knowledge"]["exact_match"], knowledge_nll=result["knowledge"]["gold_nll"],
-                   task_examples=result["task"]["examples"][:2], knowledge_examples=result["knowledge"]["examples"][:3])
-    with open(args.eval_out + ".tmp", "w") as f:
-        json.dump(out, f)
-    os.replace(args.eval_out + ".tmp", args.eval_out)
+        result.update(task_em=ev["task"]["exact_match"],
+                      task_nll=statistics.mean(answer_nll(model, tokenizer, list(tp), list(tr))),
+                      knowledge_em=ev["knowledge"]["exact_match"], knowledge_nll=ev["knowledge"]["gold_nll"],
+                      task_examples=ev["task"]["examples"][:2], knowledge_examples=ev["knowledge"]["examples"][:3])
+    with open(eval_out + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(eval_out + ".tmp", eval_out)
 
 
 # --- statistics and the verdicts -------------------------------------------------------------------------------------
@@ -183,11 +226,12 @@ def verdicts(results: dict, base: dict) -> list[tuple[str, str, str]]:
     for other in ("PiSSA", "LoRA"):
         if {"CorDA-IPM", other} <= d.keys():
             ipm, o = d["CorDA-IPM"], d[other]
+            half = max(2, int(len(results["CorDA-IPM"][0]["loss_history"]) * 0.5))
             de, dt = paired(ipm["early"], o["early"]), paired(ipm["task_nll"], o["task_nll"])
             verdict = ("holds" if de[0] + 2 * de[1] < 0 else "does not hold" if de[0] - 2 * de[1] > 0
                        else "not shown (within noise)")
             out.append((f"CorDA-IPM learns faster than {other}", verdict,
-                        f"mean training loss over the first half of the steps IPM {fmt(mean_std(ipm['early']))} vs "
+                        f"mean training loss over steps 2–{half} IPM {fmt(mean_std(ipm['early']))} vs "
                         f"{other} {fmt(mean_std(o['early']))} (paired difference {_diff(de)}); final GSM8K test answer "
                         f"NLL difference IPM − {other} {_diff(dt)}"))
     if {"DuDe", "DoRA"} <= d.keys():
@@ -245,7 +289,7 @@ def plots(results, base, out_prefix):
         gain, forget = d[method]["gain"], d[method]["forget"]
         dots = ax.scatter(gain, forget, alpha=0.35)
         ax.errorbar(statistics.mean(gain), statistics.mean(forget), xerr=mean_std(gain)[1],
-                    yerr=mean_std(forget)[1], fmt="o", capsize=3, color=dots.get_facecolor()[0], label=method)
+                    yerr=mean_std(forget)[1], fmt="o", capsize=3, color=dots.get_facecolor()[0][:3], label=method)
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xlabel="task gain: GSM8K test answer NLL decrease →", ylabel="forgetting: NQ-open gold NLL increase ↓",
            title="knowledge change vs task gain (dots: seeds; bars: mean ± std)")
@@ -259,14 +303,65 @@ def plots(results, base, out_prefix):
 # --- driver ---------------------------------------------------------------------------------------------------------
 
 
-class Driver:
-    """Runs training and evaluation subprocesses, at most `workers` at a time, each with its share of the cores."""
+class Slots:
+    """At most n holders at a time; waiting holders go in order of priority, then of arrival."""
 
-    def __init__(self, args, paths):
-        self.args, self.paths = args, paths
-        self.slots = threading.Semaphore(args.workers)
+    def __init__(self, n: int):
+        self.free, self.waiting, self.count = n, [], itertools.count()
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def __call__(self, priority: int):
+        ticket = (priority, next(self.count))
+        with self.cond:
+            heapq.heappush(self.waiting, ticket)
+            while self.free == 0 or self.waiting[0] != ticket:
+                self.cond.wait()
+            heapq.heappop(self.waiting)
+            self.free -= 1
+            self.cond.notify_all()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += 1
+                self.cond.notify_all()
+
+
+# priorities: grid extensions first (the seeds wait for them), then the grid, then the seeds and the base model
+EXTENSION, GRID, SEEDS = 0, 1, 2
+
+
+def parallel(fn, items) -> list:
+    """fn over items in threads (each run still waits for a slot); the first error is raised after all finished."""
+    results, errors = [None] * len(items), []
+
+    def call(i, item):
+        try:
+            results[i] = fn(item)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i, item)) for i, item in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+class Driver:
+    """Runs one subprocess per run (training, then its evaluation), at most `workers` at a time, each with its share
+    of the cores."""
+
+    def __init__(self, args):
+        self.args = args
+        self.slots = Slots(args.workers)
         self.threads = str(max(1, (os.cpu_count() or 2) // args.workers))
         self.lock = threading.Lock()
+        self.trained = self.evaluated = 0  # work done by this invocation (the rest came from the work directory)
         from tqdm import tqdm
 
         self.bar = tqdm(total=0, desc="runs (train + evaluate)", unit="run", dynamic_ncols=True)
@@ -276,50 +371,39 @@ class Driver:
             self.bar.total += n
             self.bar.refresh()
 
-    def _subprocess(self, cmd, what):
-        env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": self.threads}
-        with self.slots:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
-
-    def train(self, method, lr, seed) -> str:
+    def job(self, name: str, full: bool, need_val: bool, priority: int, run_dir_: str | None = None) -> dict:
         a = self.args
-        recipe, extra = METHODS[method]
-        out = os.path.join(a.work_dir, "runs", f"{method}_lr{lr:g}_s{seed}")
-        if os.path.isfile(os.path.join(out, "metrics.json")):
-            return out  # finished before: the driver resumes
-        cmd = [sys.executable, "-m", "trl_recipes.sft", "--config", os.path.join(SMOL, recipe),
-               "--dataset_name", self.paths["train"], "--output_dir", out, "--learning_rate", str(lr),
-               "--seed", str(seed), "--max_steps", str(a.steps), "--per_device_train_batch_size", str(a.batch_size),
-               "--max_length", str(a.max_length), "--logging_steps", "1", "--eval_examples", "0",
-               "--calibration_samples", str(a.calibration_samples), "--warmup_steps", str(max(a.steps // 10, 1)),
-               *(["--model_name_or_path", a.model] if a.model else []),
-               *[e.format(work=a.work_dir) for e in extra]]
-        self._subprocess(cmd, f"training {method} lr={lr:g} seed={seed}")
-        return out
+        eval_out = os.path.join(run_dir_, "compare_eval.json") if run_dir_ else os.path.join(a.work_dir,
+                                                                                           "base_eval.json")
+        trained = run_dir_ is not None and os.path.isfile(os.path.join(run_dir_, "metrics.json"))
+        done = json.load(open(eval_out)) if os.path.isfile(eval_out) else {}
+        evaluated = ("val_nll" in done or not need_val) and ("task_nll" in done or not full)
+        if not (trained or run_dir_ is None) or not evaluated:
+            cmd = [sys.executable, os.path.abspath(__file__), "--job", name, "--work_dir", a.work_dir,
+                   "--steps", str(a.steps), "--batch_size", str(a.batch_size), "--max_length", str(a.max_length),
+                   "--calibration_samples", str(a.calibration_samples), "--em_examples", str(a.em_examples),
+                   "--task_max_new_tokens", str(a.task_max_new_tokens), *(["--full"] if full else []),
+                   *(["--need_val"] if need_val else []), *(["--model", a.model] if a.model else [])]
+            env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
+                   "OMP_NUM_THREADS": self.threads}
+            with self.slots(priority):
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"run {name} failed:\n{proc.stderr[-3000:]}")
+            with self.lock:
+                self.trained += int(run_dir_ is not None and not trained)
+                self.evaluated += int(not evaluated)
+        return json.load(open(eval_out))
 
-    def evaluate(self, adapter, out_file, full) -> dict:
-        if os.path.isfile(out_file):
-            ev = json.load(open(out_file))
-            if not full or "task_nll" in ev:
-                return ev
-        a = self.args
-        cmd = [sys.executable, os.path.abspath(__file__), "--evaluate", adapter or "base", "--eval_out", out_file,
-               "--work_dir", a.work_dir, "--em_examples", str(a.em_examples),
-               "--task_max_new_tokens", str(a.task_max_new_tokens), *(["--full"] if full else []),
-               *(["--model", a.model] if a.model else [])]
-        self._subprocess(cmd, f"evaluation of {adapter or 'the base model'}")
-        return json.load(open(out_file))
-
-    def run(self, method, lr, seed, full) -> dict:
+    def run(self, method, lr, seed, full, priority) -> dict:
         t = time.time()
-        out = self.train(method, lr, seed)
-        ev = self.evaluate(os.path.join(out, "adapter"), os.path.join(out, "compare_eval.json"), full)
+        out = run_dir(self.args.work_dir, method, lr, seed)
+        ev = self.job(f"{method},{lr!r},{seed}", full, need_val=seed == 0, priority=priority, run_dir_=out)
         metrics = json.load(open(os.path.join(out, "metrics.json")))
         with self.lock:
             self.bar.update(1)
-            self.bar.write(f"  {method:9s} lr={lr:<7g} seed={seed}: validation NLL {ev['val_nll']:.4f}"
+            self.bar.write(f"  {method:9s} lr={lr:<7g} seed={seed}: "
+                           + (f"validation NLL {ev['val_nll']:.4f}" if "val_nll" in ev else "")
                            + (f", test NLL {ev['task_nll']:.4f}, NQ NLL {ev['knowledge_nll']:.4f}" if full else "")
                            + f" ({time.time() - t:.0f} s)")
         return {**ev, "loss_history": metrics["loss_history"], "seconds_per_step": metrics["seconds_per_step"],
@@ -329,7 +413,7 @@ class Driver:
     def method(self, method, lrs) -> tuple[dict, float, list]:
         """Sweep on seed 0 (selected on the validation NLL), extend past a winning edge, then the other seeds."""
         a = self.args
-        sweep = {lr: self.run(method, lr, 0, full=False) for lr in lrs}
+        sweep = dict(zip(lrs, parallel(lambda lr: self.run(method, lr, 0, False, GRID), lrs)))
         # a best rate on the edge of the grid is not a best rate: extend the grid one step beyond that edge
         # (geometric, same ratio as the grid's outer step), at most --lr_extensions times
         for _ in range(a.lr_extensions):
@@ -342,9 +426,9 @@ class Driver:
             else:
                 break
             self.plan(1)
-            sweep[nxt] = self.run(method, nxt, 0, full=False)
+            sweep[nxt] = self.run(method, nxt, 0, False, EXTENSION)
         best = min(sweep, key=lambda lr: sweep[lr]["val_nll"])
-        runs = [self.run(method, best, seed, full=True) for seed in range(a.seeds)]
+        runs = parallel(lambda seed: self.run(method, best, seed, True, SEEDS), list(range(a.seeds)))
         return sweep, best, runs
 
 
@@ -356,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default=None, help="base model (default: the packaged SmolLM2-135M-Instruct)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--lrs", default="1e-4,4e-4,1.6e-3", help="learning-rate grid, swept on seed 0")
-    ap.add_argument("--lr_extensions", type=int, default=1,
+    ap.add_argument("--lr_extensions", type=int, default=2,
                     help="extend the grid past an edge that wins, this many steps at most")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
@@ -371,27 +455,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--knowledge_examples", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (the cores are split between them)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compare_methods"))
-    # internal: one evaluation in a worker process
-    ap.add_argument("--evaluate", help=argparse.SUPPRESS)
-    ap.add_argument("--eval_out", help=argparse.SUPPRESS)
+    # internal: one run (training and evaluation) in a worker process
+    ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--need_val", action="store_true", help=argparse.SUPPRESS)
     return ap
 
 
 def main() -> None:
     args = build_parser().parse_args()
-    if args.evaluate:
-        return evaluate_worker(args)
+    if args.job:
+        return job_worker(args)
 
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         sys.exit(f"error: --methods {','.join(unknown)}: unknown. Fix: a comma list of {', '.join(METHODS)}.")
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
-    paths = prepare_data(args.data_dir, args.work_dir, args)
+    prepare_data(args.data_dir, args.work_dir, args)
     methods = args.methods.split(",")
     lrs = [float(x) for x in args.lrs.split(",")]
     t0 = time.time()
-    driver = Driver(args, paths)
+    driver = Driver(args)
     driver.plan(len(methods) * (len(lrs) + args.seeds))  # seed 0 at the chosen rate: its full evaluation
 
     base_box, outcome, errors = {}, {}, []
@@ -402,8 +486,8 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001 - reported after the other methods finish
             errors.append(f"{key}: {exc}")
 
-    threads = [threading.Thread(target=guarded, args=("base", lambda: base_box.setdefault("base", driver.evaluate(
-        None, os.path.join(args.work_dir, "base_eval.json"), full=True))))]
+    threads = [threading.Thread(target=guarded, args=("base", lambda: base_box.setdefault("base", driver.job(
+        "base", full=True, need_val=True, priority=SEEDS))))]
     threads += [threading.Thread(target=guarded, args=(m, driver.method, m, lrs)) for m in methods]
     for t in threads:
         t.start()
@@ -412,15 +496,32 @@ def main() -> None:
     driver.bar.close()
     if errors:
         sys.exit("error: " + "\n".join(errors))
-    minutes = (time.time() - t0) / 60
     base = base_box["base"]
     sweep = {m: outcome[m][0] for m in methods}
     best_lr = {m: outcome[m][1] for m in methods}
     results = {m: outcome[m][2] for m in methods}
-    write_report(args, base, sweep, best_lr, results, lrs, minutes)
+    # the wall time of every invocation that did some work on this work directory (an interrupted one included, when
+    # it was recorded by hand), so that the report states the whole cost and not just the last, resumed invocation
+    log_file = os.path.join(args.work_dir, "invocations.json")
+    invocations = json.load(open(log_file)) if os.path.isfile(log_file) else []
+    if driver.trained or driver.evaluated:
+        invocations.append({"start": stamp(t0), "end": stamp(), "minutes": round((time.time() - t0) / 60, 1),
+                            "trained": driver.trained, "evaluated": driver.evaluated})
+        with open(log_file, "w") as f:
+            json.dump(invocations, f, indent=1)
+    write_report(args, base, sweep, best_lr, results, lrs, invocations)
 
 
-def write_report(args, base, sweep, best_lr, results, lrs, minutes) -> None:
+def wall_time(invocations: list[dict]) -> str:
+    if not invocations:
+        return "wall time not recorded (every run came from the work directory)"
+    total = sum(i["minutes"] for i in invocations)
+    parts = [f"{i['start']} – {i['end'][-9:]}: {i['minutes']:.0f} min, {i['trained']} runs trained, {i['evaluated']} "
+             f"evaluations" + (f" ({i['note']})" if i.get("note") else "") for i in invocations]
+    return f"wall time {total:.0f} min in all, over {len(invocations)} invocation(s): " + "; ".join(parts)
+
+
+def write_report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
     methods = list(results)
     every = {(m, lr, 0): r for m in methods for lr, r in sweep[m].items()}
     every.update({(m, r["lr"], r["seed"]): r for m in methods for r in results[m]})
@@ -459,8 +560,7 @@ def write_report(args, base, sweep, best_lr, results, lrs, minutes) -> None:
         + "  \n"
         f"Machine: {machine()}; {args.workers} runs at a time, {max(1, (os.cpu_count() or 2) // args.workers)} "
         f"thread(s) each  \nDate: {stamp()}  \nRuns: {n_runs} training runs, {train_minutes:.0f} min of training "
-        f"summed over runs; wall time of this invocation {minutes:.0f} min (finished runs in the work directory are "
-        f"reused)",
+        f"summed over runs; {wall_time(invocations)}",
         f"Setup: {model} (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, **{args.steps} "
         f"steps of batch {args.batch_size}** (sequences ≤ {args.max_length} tokens, completion-only loss, "
         f"{args.steps * args.batch_size} examples per run drawn from a pool of {args.train_pool} GSM8K train "
@@ -483,7 +583,8 @@ def write_report(args, base, sweep, best_lr, results, lrs, minutes) -> None:
         "## The papers' orderings at this scale\n\nDecided by fixed rules (`verdicts()` in the script): a difference "
         "counts when it exceeds twice its standard error over the seeds, paired by seed (the same batches); "
         "\"comparable task gain\" means at least 90% of the other method's GSM8K answer-NLL gain; \"learns faster\" "
-        "compares the mean training loss over the first half of the steps.\n\n"
+        "compares the mean training loss over steps 2 to half of the steps (step 1's loss is the unchanged base model's, "
+        "the same for every method).\n\n"
         + markdown_table(["claim", "verdict", "evidence (mean ± std over seeds; paired differences ± standard error)"],
                          verdict_rows),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
@@ -498,7 +599,8 @@ def write_report(args, base, sweep, best_lr, results, lrs, minutes) -> None:
     with open(args.out + ".json", "w") as f:
         json.dump({"base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()},
                    "results": results, "best_lr": best_lr, "verdicts": verdicts(results, base),
-                   "args": {k: v for k, v in vars(args).items() if k not in ("evaluate", "eval_out", "full")}},
+                   "invocations": invocations,
+                   "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}},
                   f, indent=1)
     print(report)
 
