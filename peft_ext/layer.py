@@ -188,8 +188,8 @@ class PeftExtMagnitude(DoraLinearLayer):
         return "peft_ext." + super().__repr__()
 
 
-def magnitude_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
-    """float32, except under DeepSpeed ZeRO-3 with 16-bit adapters.
+def magnitude_dtype(adapter_dtype: torch.dtype, zero3: Optional[bool] = None) -> torch.dtype:
+    """float32, except under DeepSpeed ZeRO-3 with 16-bit adapters (`zero3`: None reads DeepSpeed's config).
 
     ZeRO-3 gathers its small persistent parameters into one buffer of the first one's dtype and fails on mixed
     dtypes, which is why TRL creates adapters without upcasting them under ZeRO-3 (`autocast_adapter_dtype=False`).
@@ -197,9 +197,11 @@ def magnitude_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
     its updates are still accumulated in float32. Everywhere else it is float32 (peft's upcast of the adapter keeps
     it so).
     """
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    if zero3 is None:
+        from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if adapter_dtype in (torch.bfloat16, torch.float16) and is_deepspeed_zero3_enabled():
+        zero3 = is_deepspeed_zero3_enabled()
+    if adapter_dtype in (torch.bfloat16, torch.float16) and zero3:
         return adapter_dtype
     return torch.float32
 

@@ -114,13 +114,15 @@ def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> No
     """
     import torch
 
+    from peft_ext.layer import magnitude_dtype
+
     if sixteen_bit:
-        if zero3:
-            dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude" not in n}
-            if len(dtypes) == 1:
-                for name, param in model.named_parameters():
-                    if "lora_magnitude_vector" in name:
-                        param.data = param.data.to(next(iter(dtypes)))
+        dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude" not in n}
+        if len(dtypes) == 1:
+            target = magnitude_dtype(next(iter(dtypes)), zero3=zero3)
+            for name, param in model.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.data = param.data.to(target)
         return
     for module in model.modules():
         init_A, init_B = getattr(module, "lora_init_A", {}), getattr(module, "lora_init_B", {})
