@@ -543,6 +543,7 @@ def write_report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
                    f"{best_lr[m]:g}"] for m in methods]
     verdict_rows = [[claim, f"**{verdict}**", evidence] for claim, verdict, evidence in verdicts(results, base)]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plots(results, base, args.out)
     cmd = (f"python benchmarks/compare_methods.py --lrs {args.lrs} --seeds {args.seeds} --steps {args.steps} "
            f"--batch_size {args.batch_size} --max_length {args.max_length} --train_pool {args.train_pool} "
