@@ -15,8 +15,9 @@ of the EfficientQA dev file that are not among the evaluated NQ-open dev questio
 Each run (its training, then its evaluation) is one subprocess; two run at a time with one thread each (`--workers`:
 two 1-thread processes get ~1.25x the throughput of one 2-thread process on this model), the grid's extensions ahead
 of the rest. Finished runs and evaluations are cached in `--work_dir`, so an interrupted run resumes where it stopped;
-the report states the wall time of every invocation that worked on that directory. The learning rate is selected on task validation loss only; the report's verdicts on the
-papers' orderings are computed from the final runs by the fixed rules in `verdicts()`.
+the report states the wall time of every invocation that worked on that directory. The learning rate is selected on
+task validation loss only; the report's verdicts on the papers' orderings are computed from the final runs by the
+fixed rules in `verdicts()`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, machine, markdown_table, stamp  # noqa: E402
+from benchmarks.common import ROOT, machine, markdown_table, stamp, write_report  # noqa: E402
 
 SMOL = os.path.join(ROOT, "trl_recipes", "recipes", "SmolLM2-135M-Instruct")
 METHODS = {  # name -> (recipe, extra flags)
@@ -104,6 +105,32 @@ def run_dir(work: str, method: str, lr: float, seed: int) -> str:
     return os.path.join(work, "runs", f"{method}_lr{lr:g}_s{seed}")
 
 
+def parse_job(job: str) -> tuple[str, float, int]:
+    """`METHOD,LR,SEED` (the `--job` of one run) -> (method, lr, seed)."""
+    method, lr, seed = job.split(",")
+    return method, float(lr), int(seed)
+
+
+def job_dir(work: str, job: str) -> str | None:
+    """The run directory of a `--job`; None for `base` (the base model: nothing to train)."""
+    return None if job == "base" else run_dir(work, *parse_job(job))
+
+
+def eval_path(work: str, out: str | None) -> str:
+    return os.path.join(work, "base_eval.json") if out is None else os.path.join(out, "compare_eval.json")
+
+
+def pending(work: str, out: str | None, full: bool, need_val: bool) -> tuple[bool, bool, dict]:
+    """What a run still needs, from its directory: (train it, evaluate it, its evaluation so far). Training is done
+    once metrics.json exists; the evaluation needs the validation NLL when `need_val`, the task and knowledge metrics
+    when `full`. `out` None is the base model."""
+    path = eval_path(work, out)
+    done = json.load(open(path)) if os.path.isfile(path) else {}
+    to_train = out is not None and not os.path.isfile(os.path.join(out, "metrics.json"))
+    to_evaluate = (need_val and "val_nll" not in done) or (full and "task_nll" not in done)
+    return to_train, to_evaluate, done
+
+
 def train_argv(args, method: str, lr: float, seed: int) -> list[str]:
     """`trl_recipes.sft` arguments of one run."""
     recipe, extra = METHODS[method]
@@ -131,21 +158,17 @@ def job_worker(args) -> None:
     from trl_recipes.dataset import prompt_and_reference
     from trl_recipes.evaluate import answer_nll, evaluate, load_for_eval
 
-    if args.job == "base":
-        adapter, eval_out = None, os.path.join(args.work_dir, "base_eval.json")
-    else:
-        method, lr, seed = args.job.split(",")
-        out = run_dir(args.work_dir, method, float(lr), int(seed))
-        if not os.path.isfile(os.path.join(out, "metrics.json")):
-            from trl_recipes.sft import run
+    out = job_dir(args.work_dir, args.job)
+    to_train, to_evaluate, result = pending(args.work_dir, out, args.full, args.need_val)
+    if to_train:
+        from trl_recipes.sft import run
 
-            run(train_argv(args, method, float(lr), int(seed)))
-            gc.collect()
-        adapter, eval_out = os.path.join(out, "adapter"), os.path.join(out, "compare_eval.json")
-    result = json.load(open(eval_out)) if os.path.isfile(eval_out) else {}
-    need_val = args.need_val and "val_nll" not in result
-    if not need_val and (not args.full or "task_nll" in result):
+        run(train_argv(args, *parse_job(args.job)))
+        gc.collect()
+    if not to_evaluate:
         return
+    need_val = args.need_val and "val_nll" not in result
+    adapter = None if out is None else os.path.join(out, "adapter")
     records = {k: read_jsonl(os.path.join(args.work_dir, f"{k}.jsonl")) for k in ("val", "test", "nq")}
     base, after, tokenizer = load_for_eval(args.model, adapter=adapter)
     model = after() if adapter else base
@@ -157,14 +180,13 @@ def job_worker(args) -> None:
         prompts, refs = zip(*(prompt_and_reference(r) for r in records["val"]))
         result["val_nll"] = statistics.mean(answer_nll(model, tokenizer, list(prompts), list(refs)))
     if args.full and "task_nll" not in result:
-        ev = evaluate(model, tokenizer, records["test"][: args.em_examples], records["nq"],
-                      task_max_new_tokens=args.task_max_new_tokens, generation_batch_size=64)
-        # the NLL over the whole test subset (exact match uses its first em_examples: generation is the slow part)
-        tp, tr = zip(*(prompt_and_reference(r) for r in records["test"]))
-        result.update(task_em=ev["task"]["exact_match"],
-                      task_nll=statistics.mean(answer_nll(model, tokenizer, list(tp), list(tr))),
+        # the NLL over the whole test subset, exact match on its first em_examples (generation is the slow part)
+        ev = evaluate(model, tokenizer, records["test"], records["nq"], task_max_new_tokens=args.task_max_new_tokens,
+                      generation_batch_size=64, task_generation_examples=args.em_examples)
+        result.update(task_em=ev["task"]["exact_match"], task_nll=ev["task"]["answer_nll"],
                       knowledge_em=ev["knowledge"]["exact_match"], knowledge_nll=ev["knowledge"]["gold_nll"],
                       task_examples=ev["task"]["examples"][:2], knowledge_examples=ev["knowledge"]["examples"][:3])
+    eval_out = eval_path(args.work_dir, out)
     with open(eval_out + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(eval_out + ".tmp", eval_out)
@@ -333,14 +355,14 @@ EXTENSION, GRID, SEEDS = 0, 1, 2
 
 
 def parallel(fn, items) -> list:
-    """fn over items in threads (each run still waits for a slot); the first error is raised after all finished."""
+    """fn over items in threads (each run still waits for a slot); errors are raised together after all finished."""
     results, errors = [None] * len(items), []
 
     def call(i, item):
         try:
             results[i] = fn(item)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        except Exception as exc:  # noqa: BLE001 - reported after the other items finish
+            errors.append(f"{item}: {exc}")
 
     threads = [threading.Thread(target=call, args=(i, item)) for i, item in enumerate(items)]
     for t in threads:
@@ -348,7 +370,7 @@ def parallel(fn, items) -> list:
     for t in threads:
         t.join()
     if errors:
-        raise errors[0]
+        raise RuntimeError("\n".join(errors))
     return results
 
 
@@ -371,14 +393,12 @@ class Driver:
             self.bar.total += n
             self.bar.refresh()
 
-    def job(self, name: str, full: bool, need_val: bool, priority: int, run_dir_: str | None = None) -> dict:
+    def job(self, name: str, full: bool, need_val: bool, priority: int) -> dict:
+        """One `--job` (`base` or `METHOD,LR,SEED`) in a subprocess, unless its directory has all it needs."""
         a = self.args
-        eval_out = os.path.join(run_dir_, "compare_eval.json") if run_dir_ else os.path.join(a.work_dir,
-                                                                                           "base_eval.json")
-        trained = run_dir_ is not None and os.path.isfile(os.path.join(run_dir_, "metrics.json"))
-        done = json.load(open(eval_out)) if os.path.isfile(eval_out) else {}
-        evaluated = ("val_nll" in done or not need_val) and ("task_nll" in done or not full)
-        if not (trained or run_dir_ is None) or not evaluated:
+        out = job_dir(a.work_dir, name)
+        to_train, to_evaluate, _ = pending(a.work_dir, out, full, need_val)
+        if to_train or to_evaluate:
             cmd = [sys.executable, os.path.abspath(__file__), "--job", name, "--work_dir", a.work_dir,
                    "--steps", str(a.steps), "--batch_size", str(a.batch_size), "--max_length", str(a.max_length),
                    "--calibration_samples", str(a.calibration_samples), "--em_examples", str(a.em_examples),
@@ -391,14 +411,14 @@ class Driver:
             if proc.returncode != 0:
                 raise RuntimeError(f"run {name} failed:\n{proc.stderr[-3000:]}")
             with self.lock:
-                self.trained += int(run_dir_ is not None and not trained)
-                self.evaluated += int(not evaluated)
-        return json.load(open(eval_out))
+                self.trained += int(to_train)
+                self.evaluated += int(to_evaluate)
+        return json.load(open(eval_path(a.work_dir, out)))
 
     def run(self, method, lr, seed, full, priority) -> dict:
         t = time.time()
         out = run_dir(self.args.work_dir, method, lr, seed)
-        ev = self.job(f"{method},{lr!r},{seed}", full, need_val=seed == 0, priority=priority, run_dir_=out)
+        ev = self.job(f"{method},{lr!r},{seed}", full, need_val=seed == 0, priority=priority)
         metrics = json.load(open(os.path.join(out, "metrics.json")))
         with self.lock:
             self.bar.update(1)
@@ -478,28 +498,20 @@ def main() -> None:
     driver = Driver(args)
     driver.plan(len(methods) * (len(lrs) + args.seeds))  # seed 0 at the chosen rate: its full evaluation
 
-    base_box, outcome, errors = {}, {}, []
+    def work(key):  # the base model's evaluation beside every method's sweep and seeds
+        if key == "base":
+            return driver.job("base", full=True, need_val=True, priority=SEEDS)
+        return driver.method(key, lrs)
 
-    def guarded(key, fn, *a):
-        try:
-            outcome[key] = fn(*a)
-        except Exception as exc:  # noqa: BLE001 - reported after the other methods finish
-            errors.append(f"{key}: {exc}")
-
-    threads = [threading.Thread(target=guarded, args=("base", lambda: base_box.setdefault("base", driver.job(
-        "base", full=True, need_val=True, priority=SEEDS))))]
-    threads += [threading.Thread(target=guarded, args=(m, driver.method, m, lrs)) for m in methods]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    driver.bar.close()
-    if errors:
-        sys.exit("error: " + "\n".join(errors))
-    base = base_box["base"]
-    sweep = {m: outcome[m][0] for m in methods}
-    best_lr = {m: outcome[m][1] for m in methods}
-    results = {m: outcome[m][2] for m in methods}
+    try:
+        base, *outcome = parallel(work, ["base", *methods])
+    except RuntimeError as exc:
+        sys.exit(f"error: {exc}")
+    finally:
+        driver.bar.close()
+    sweep = {m: o[0] for m, o in zip(methods, outcome)}
+    best_lr = {m: o[1] for m, o in zip(methods, outcome)}
+    results = {m: o[2] for m, o in zip(methods, outcome)}
     # the wall time of every invocation that did some work on this work directory (an interrupted one included, when
     # it was recorded by hand), so that the report states the whole cost and not just the last, resumed invocation
     log_file = os.path.join(args.work_dir, "invocations.json")
@@ -509,7 +521,7 @@ def main() -> None:
                             "trained": driver.trained, "evaluated": driver.evaluated})
         with open(log_file, "w") as f:
             json.dump(invocations, f, indent=1)
-    write_report(args, base, sweep, best_lr, results, lrs, invocations)
+    report(args, base, sweep, best_lr, results, lrs, invocations)
 
 
 def wall_time(invocations: list[dict]) -> str:
@@ -521,7 +533,7 @@ def wall_time(invocations: list[dict]) -> str:
     return f"wall time {total:.0f} min in all, over {len(invocations)} invocation(s): " + "; ".join(parts)
 
 
-def write_report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
+def report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
     methods = list(results)
     every = {(m, lr, 0): r for m in methods for lr, r in sweep[m].items()}
     every.update({(m, r["lr"], r["seed"]): r for m in methods for r in results[m]})
@@ -543,8 +555,6 @@ def write_report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
                    f"{best_lr[m]:g}"] for m in methods]
     verdict_rows = [[claim, f"**{verdict}**", evidence] for claim, verdict, evidence in verdicts(results, base)]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    plots(results, base, args.out)
     cmd = (f"python benchmarks/compare_methods.py --lrs {args.lrs} --seeds {args.seeds} --steps {args.steps} "
            f"--batch_size {args.batch_size} --max_length {args.max_length} --train_pool {args.train_pool} "
            f"--calibration_samples {args.calibration_samples} --val_examples {args.val_examples} "
@@ -555,7 +565,7 @@ def write_report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
     model = os.path.basename(args.model.rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
     defaults = vars(build_parser().parse_args([]))
     same = all(getattr(args, k) == defaults[k] for k in defaults if k not in ("work_dir", "out", "data_dir"))
-    report = "\n\n".join([
+    text = "\n\n".join([
         f"# {', '.join(methods)} on {model} (GSM8K, r=16)",
         f"Command: `{cmd}`" + (" (the defaults: `python benchmarks/compare_methods.py`)" if same else "")
         + "  \n"
@@ -595,15 +605,11 @@ def write_report(args, base, sweep, best_lr, results, lrs, invocations) -> None:
         f"in [dude_smollm2.md](dude_smollm2.md) and [corda_smollm2.md](corda_smollm2.md).",
         f"Plots: [loss curves]({name}_loss.png), [knowledge change vs task gain]({name}_knowledge_vs_task.png).",
     ])
-    with open(args.out + ".md", "w") as f:
-        f.write(report + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()},
-                   "results": results, "best_lr": best_lr, "verdicts": verdicts(results, base),
-                   "invocations": invocations,
-                   "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}},
-                  f, indent=1)
-    print(report)
+    write_report(args.out + ".md", text, {
+        "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
+        "best_lr": best_lr, "verdicts": verdicts(results, base), "invocations": invocations,
+        "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}})
+    plots(results, base, args.out)  # beside the report (write_report made the folder)
 
 
 if __name__ == "__main__":

@@ -251,3 +251,25 @@ def test_answer_nll_equals_the_full_logits_reference(tiny_model_dir, arch):
     got = answer_nll(model, tokenizer, prompts, answers, batch_size=2)  # two batches, sorted by length
     want = [reference(p, a) for p, a in zip(prompts, answers)]
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_task_exact_match_on_the_first_generation_examples(tiny_model_dir):
+    """evaluate_task(generation_examples=n): exact match from the first n answers, the NLL still over every record."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_recipes.dataset import prompt_and_reference
+    from trl_recipes.evaluate import evaluate_task, final_number, generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    records = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(5)]
+    full = evaluate_task(model, tokenizer, records, max_new_tokens=4, batch_size=2)
+    part = evaluate_task(model, tokenizer, records, max_new_tokens=4, batch_size=2, generation_examples=2)
+    assert (full["n"], full["n_generated"], part["n"], part["n_generated"]) == (5, 5, 5, 2)
+    assert part["answer_nll"] == pytest.approx(full["answer_nll"], rel=1e-6)
+    # the reference: the exact match of the first two greedy answers, which are the only ones generated
+    prompts, refs = zip(*(prompt_and_reference(r) for r in records[:2]))
+    preds = generate(model, tokenizer, list(prompts), 4, 2)
+    want = sum(final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(preds, refs)) / 2
+    assert part["exact_match"] == want
+    assert [e["prediction"] for e in part["examples"]] == preds

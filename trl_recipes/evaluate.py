@@ -154,12 +154,16 @@ def read_records(path: str, n: int) -> list[dict]:
 
 
 def evaluate_task(model, tokenizer, records: list[dict], max_new_tokens: int = 256, batch_size: int = 8,
-                  generation_batch_size: Optional[int] = None) -> dict:
+                  generation_batch_size: Optional[int] = None, generation_examples: Optional[int] = None) -> dict:
+    """Answer NLL over all `records`; exact match over the first `generation_examples` (default: all), since greedy
+    generation is the slow part."""
     prompts, refs = zip(*(prompt_and_reference(r) for r in records))
-    preds = generate(model, tokenizer, list(prompts), max_new_tokens, generation_batch_size or batch_size)
+    n_gen = len(records) if generation_examples is None else min(generation_examples, len(records))
+    preds = generate(model, tokenizer, list(prompts[:n_gen]), max_new_tokens, generation_batch_size or batch_size)
     em = [final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(preds, refs)]
     nll = answer_nll(model, tokenizer, list(prompts), list(refs), batch_size)
     return {"exact_match": sum(em) / len(em), "answer_nll": sum(nll) / len(nll), "n": len(records),
+            "n_generated": n_gen,
             "examples": [{"prompt": p[-1]["content"], "reference": r, "prediction": g}
                          for p, r, g in zip(prompts[:5], refs[:5], preds[:5])]}
 
@@ -177,13 +181,15 @@ def evaluate_knowledge(model, tokenizer, records: list[dict], max_new_tokens: in
 
 
 def evaluate(model, tokenizer, task_records=None, knowledge_records=None, *, task_max_new_tokens: int = 256,
-             batch_size: int = 8, generation_batch_size: Optional[int] = None) -> dict:
+             batch_size: int = 8, generation_batch_size: Optional[int] = None,
+             task_generation_examples: Optional[int] = None) -> dict:
     """`batch_size` for the NLL forwards; `generation_batch_size` (default: the same) for the greedy answers, whose
-    decoding steps on a CPU cost about as much for 32 sequences as for 8 (each step reads every weight once)."""
+    decoding steps on a CPU cost about as much for 32 sequences as for 8 (each step reads every weight once);
+    `task_generation_examples`: task exact match on that many of the task records (default: all), NLL on all."""
     out = {}
     if task_records:
         out["task"] = evaluate_task(model, tokenizer, task_records, task_max_new_tokens, batch_size,
-                                    generation_batch_size)
+                                    generation_batch_size, task_generation_examples)
     if knowledge_records:
         out["knowledge"] = evaluate_knowledge(model, tokenizer, knowledge_records, batch_size=batch_size,
                                               generation_batch_size=generation_batch_size)
