@@ -57,6 +57,8 @@ def load_config(path: str) -> PeftExtConfig:
     with open(config_file) as f:
         data = json.load(f)
     data.pop("runtime_config", None)
+    if data.get("peft_ext_method") == "corda":
+        data.setdefault("corda_balance_factors", False)  # saved before the option existed: unbalanced factors
     config_class_for(data.get("peft_ext_method"), where=f"'{config_file}'")
     return PeftExtConfig.from_peft_type(**data)
 

@@ -105,6 +105,31 @@ def test_kpm_and_ipm_pick_opposite_ends_of_the_spectrum():
 
 
 @pytest.mark.parametrize("method", ["kpm", "ipm"])
+def test_balanced_factors_have_equal_norms_and_the_same_product(method):
+    """corda_balance_factors (the default) gives each component ‖b_i‖ = ‖a_i‖, with the same product, residual and
+    outputs as the unbalanced B = U·sqrt(S/s), A = sqrt(S/s)·Vᵀ·C⁻¹, whose norms differ."""
+    x = sample_input()
+    ref = logits(make_tiny("llama"), x)
+    layers, outputs = {}, {}
+    for balance in (True, False):
+        model, config = calibrated("llama", method, corda_balance_factors=balance)
+        peft_model = get_peft_model(model, config)
+        outputs[balance], layers[balance] = logits(peft_model, x), peft_ext_layers(peft_model)
+    worst_unbalanced = 1.0
+    for name, layer in layers[True].items():
+        other = layers[False][name]
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        A0, B0 = other.lora_A["default"].weight, other.lora_B["default"].weight
+        torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(B @ A, B0 @ A0, rtol=0, atol=1e-5 * (B0 @ A0).abs().max().item())
+        torch.testing.assert_close(layer.get_base_layer().weight, other.get_base_layer().weight, rtol=0, atol=1e-6)
+        ratio = A0.norm(dim=1) / B0.norm(dim=0)
+        worst_unbalanced = max(worst_unbalanced, ratio.max().item(), 1 / ratio.min().item())
+    assert worst_unbalanced > 2  # the test would not see a missing balance otherwise
+    assert rel_err(outputs[True], ref) <= 1e-5 and rel_err(outputs[False], ref) <= 1e-5
+
+
+@pytest.mark.parametrize("method", ["kpm", "ipm"])
 def test_use_dora_over_the_corda_direction(method):
     x = sample_input()
     ref = logits(make_tiny("qwen2"), x)
@@ -375,8 +400,13 @@ def test_saved_config_keeps_corda_fields(tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_ext_method"] == "corda" and saved["corda_method"] == "kpm" and saved["corda_damping"] == 0.05
     assert saved["corda_calibration"]["tokens"] > 0 and "data" in saved["corda_calibration"]
+    assert saved["corda_balance_factors"] is True and load_config(str(tmp_path)).corda_balance_factors is True
     with pytest.raises(ValueError, match="peft_ext"):
         PeftModel.from_pretrained(make_tiny("llama"), str(tmp_path))
+    # an adapter saved before the option existed had unbalanced factors, and says so when loaded
+    del saved["corda_balance_factors"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert load_config(str(tmp_path)).corda_balance_factors is False
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

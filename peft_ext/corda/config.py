@@ -43,6 +43,17 @@ class CorDAConfig(PeftExtConfig):
         default=0.01,
         metadata={"help": "C + λI with λ = corda_damping · mean(diag C) before the decomposition (peft uses 0.01)."},
     )
+    corda_balance_factors: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Rescale each trained component so that its two factors have equal norms, ‖b_i‖ = ‖a_i‖ (the product, "
+                "the residual and the outputs at init are unchanged). False: B = U·sqrt(S/s), A = sqrt(S/s)·Vᵀ·C⁻¹, "
+                "whose ‖a_i‖/‖b_i‖ = ‖C⁻¹v_i‖ follows the covariance's scale and differs by orders of magnitude "
+                "between layers, so one Adam learning rate moves them very unevenly."
+            )
+        },
+    )
     corda_calibration: Optional[dict] = field(
         default=None,
         metadata={"help": "Set by peft_ext.calibrate: tokens, samples and fingerprints of the calibration (a record)."},
@@ -85,7 +96,7 @@ class CorDAConfig(PeftExtConfig):
         chol, shift = group.cholesky(self.corda_damping, weight.device)
         A0, B0 = corda_factors(weight, group.covariance.to(weight.device), chol, shift, r=r, scaling=scaling,
                                method=self.corda_method, niter=self.svd_niter, oversample=self.svd_oversample,
-                               seed=self.svd_seed)
+                               seed=self.svd_seed, balance=self.corda_balance_factors)
         group.mark_decomposed(name)  # frees the Cholesky factor once every layer reading this input is done
         return A0.float(), B0.float()
 

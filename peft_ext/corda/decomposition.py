@@ -6,6 +6,12 @@ smallest (leaving the components that carry the context's knowledge frozen). Wit
 
     B0 = U_sel · sqrt(S_sel / s)      A0 = sqrt(S_sel / s) · V_selᵀ C⁻¹      residual = W − s·B0·A0
 
+These factors are unbalanced: ‖b_i‖ = sqrt(σ_i / s) but ‖a_i‖ = sqrt(σ_i / s)·‖C⁻¹ v_i‖, which follows the scale of
+the covariance (and, for KPM's smallest components, the damping). With `balance=True` each rank-1 component is
+rescaled so that ‖b_i‖ = ‖a_i‖ = sqrt(‖b_i‖·‖a_i‖): the product b_i a_iᵀ, the residual and the outputs at init are the
+same, but Adam's per-element steps then move both factors alike, as for PiSSA, whose factors are balanced by
+construction.
+
 C⁻¹ is never formed: C = L Lᵀ (Cholesky, computed once per distinct input and shared by all layers reading it),
 W·C = (W·L)·Lᵀ and V_selᵀ C⁻¹ = (cholesky_solve(V_sel, L))ᵀ.
 """
@@ -60,12 +66,14 @@ def corda_factors(
     niter: Optional[int] = None,
     oversample: int = 8,
     seed: int = 0,
+    balance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A0 (r × in), B0 (out × r) for `weight` (out × in), its input covariance C and the Cholesky factor L of
     C + shift·I (from `damped_cholesky`).
 
     Computed in the dtype of the covariance (float32, or float64 when it was accumulated in float64). `niter`
-    selects a randomized SVD, which only IPM (the largest components) can use.
+    selects a randomized SVD, which only IPM (the largest components) can use. `balance`: ‖b_i‖ = ‖a_i‖ for every
+    component (see the module docstring); False gives the unbalanced B0 = U·sqrt(S/s), A0 = sqrt(S/s)·Vᵀ C⁻¹.
     """
     W = weight.to(chol.dtype)
     WC = torch.addmm(W, W, covariance.to(chol.dtype), beta=shift)  # W·(C + shift·I) in one GEMM
@@ -75,8 +83,15 @@ def corda_factors(
         U, S, Vh = selected_svd(WC, r, largest=method == "ipm")
     U, Vh = _canonical_signs(U, Vh)
     Vc = torch.cholesky_solve(Vh.mT, chol)  # C⁻¹ V_sel, (in × r)
-    root = (S.clamp_min(0) / scaling).sqrt()
-    return root.unsqueeze(1) * Vc.mT, U * root
+    S = S.clamp_min(0) / scaling
+    if not balance:
+        root = S.sqrt()
+        return root.unsqueeze(1) * Vc.mT, U * root
+    # b_i a_iᵀ = (σ_i/s)·u_i (C⁻¹v_i)ᵀ = (σ_i/s)·‖C⁻¹v_i‖ · u_i ĉ_iᵀ with unit u_i, ĉ_i: split that norm evenly
+    vc_norm = torch.linalg.vector_norm(Vc, dim=0)
+    root = (S * vc_norm).sqrt()
+    direction = Vc / torch.where(vc_norm > 0, vc_norm, torch.ones_like(vc_norm))
+    return root.unsqueeze(1) * direction.mT, U * root
 
 
 def selected_svd(M: torch.Tensor, r: int, *, largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
