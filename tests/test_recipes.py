@@ -48,6 +48,12 @@ def assert_adapter_and_export_agree(model_dir, out_dir):
     x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     adapter = os.path.join(out_dir, "adapter")
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    if cfg.get("init_lora_weights") == "corda":  # peft's CorDA: only its converted export applies to the base
+        from trl_recipes.evaluate import load_for_eval
+
+        _, after, _ = load_for_eval(model_dir, adapter=adapter)
+        assert after().peft_config["default"].init_lora_weights is True
+        return
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     trained = (peft_ext.load_adapter(base, adapter) if "peft_ext_method" in cfg
                else PeftModel.from_pretrained(base, adapter)).eval()(x).logits
@@ -65,13 +71,22 @@ def assert_adapter_and_export_agree(model_dir, out_dir):
     ("corda", "corda/config_ipm_cpu.yaml", ["--calibration_samples", "16"]),
     ("corda", "corda/config_ipm_cpu.yaml", ["--corda_method", "kpm", "--calibration_samples", "16",
                                             "--calibration_text_field", "prompt,completion"]),
+    # peft's own CorDA (preprocess_corda, batch 1) beside ours: exported through peft's conversion
+    ("corda", "corda/config_kpm_cpu.yaml", ["--corda_implementation", "peft", "--calibration_samples", "16",
+                                            "--calibration_dataset", os.path.join(ROOT, "trl_recipes", "data",
+                                                                                  "test.jsonl"),
+                                            "--calibration_text_field", "prompt"]),
 ])
 def test_cli_two_steps_per_method(method, recipe, extra, tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("--config", os.path.join(SMOL, recipe), "--model_name_or_path", tiny_model_dir,
                    "--output_dir", str(out), *FAST, *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    check_finished_run(out, method)
+    metrics = check_finished_run(out, method)
+    norms = metrics["init_factor_norms"]
+    assert set(norms) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(n["layers"] == 2 and n["A"] > 0 for n in norms.values())
+    assert all((n["B"] == 0) == (method in ("lora", "dora")) for n in norms.values())  # LoRA's B starts at zero
     assert "before:" in proc.stdout and "after:" in proc.stdout
     assert_adapter_and_export_agree(tiny_model_dir, out)
 

@@ -32,6 +32,18 @@ class PeftMethodArguments:
     svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
     corda_method: str = field(default="ipm", metadata={"help": "corda: 'kpm' (knowledge-preserved) or 'ipm'."})
     corda_damping: float = field(default=0.01, metadata={"help": "corda: relative damping of the covariance."})
+    corda_balance_factors: bool = field(
+        default=True, metadata={"help": "corda: equal norms of the two factors of each component (see CorDAConfig)."}
+    )
+    corda_implementation: str = field(
+        default="peft_ext",
+        metadata={
+            "help": (
+                "corda: 'peft_ext' (peft_ext.calibrate + CorDAConfig) or 'peft' (peft's own preprocess_corda, one "
+                "sample at a time, and LoraConfig(init_lora_weights='corda'), for side-by-side comparisons)."
+            )
+        },
+    )
     calibration_dataset: Optional[str] = field(
         default=None,
         metadata={"help": "corda: local JSONL file or Hub dataset for calibration (default: the training data)."},
@@ -70,6 +82,8 @@ class PeftMethodArguments:
             raise ValueError(f"--peft_method {self.peft_method!r} is not one of {', '.join(PEFT_METHODS)}.")
         if self.corda_method not in ("kpm", "ipm"):
             raise ValueError(f"--corda_method {self.corda_method!r}: use 'kpm' or 'ipm'.")
+        if self.corda_implementation not in ("peft_ext", "peft"):
+            raise ValueError(f"--corda_implementation {self.corda_implementation!r}: use 'peft_ext' or 'peft'.")
 
 
 def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_path: Optional[str] = None):
@@ -96,6 +110,12 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
     if method == "dude":
         return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed,
                           float_weights_path=float_weights_path)
+    if method_args.corda_implementation == "peft":
+        from peft.tuners.lora.config import CordaConfig
+
+        return LoraConfig(**common, init_lora_weights="corda",
+                          corda_config=CordaConfig(corda_method=method_args.corda_method))
     return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
+                       corda_balance_factors=method_args.corda_balance_factors,
                        svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,
                        svd_seed=method_args.svd_seed, float_weights_path=float_weights_path)

@@ -42,6 +42,12 @@ def qa_to_prompt_completion(record: dict) -> dict:
             "completion": [{"role": "assistant", "content": str(answer)}]}
 
 
+def qa_to_messages(record: dict) -> dict:
+    """A question/answer record as one chat conversation (user question, assistant answer)."""
+    pair = qa_to_prompt_completion(record)
+    return {"messages": pair["prompt"] + pair["completion"]}
+
+
 def to_sft_format(ds, text_field: str = "text", where: str = "dataset"):
     """Check that `ds` has columns SFTTrainer can train on (converting question/answer); raise a DataError if not."""
     cols = set(ds.column_names)

@@ -162,7 +162,7 @@ def evaluate_task(model, tokenizer, records: list[dict], max_new_tokens: int = 2
     preds = generate(model, tokenizer, list(prompts[:n_gen]), max_new_tokens, generation_batch_size or batch_size)
     em = [final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(preds, refs)]
     nll = answer_nll(model, tokenizer, list(prompts), list(refs), batch_size)
-    return {"exact_match": sum(em) / len(em), "answer_nll": sum(nll) / len(nll), "n": len(records),
+    return {"exact_match": sum(em) / len(em) if em else None, "answer_nll": sum(nll) / len(nll), "n": len(records),
             "n_generated": n_gen,
             "examples": [{"prompt": p[-1]["content"], "reference": r, "prediction": g}
                          for p, r, g in zip(prompts[:5], refs[:5], preds[:5])]}
@@ -234,18 +234,19 @@ def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optiona
             adapter_config = json.load(f)
         is_peft_ext = "peft_ext_method" in adapter_config
         init = str(adapter_config.get("init_lora_weights"))
-        if init.startswith("pissa"):
+        if init.startswith("pissa") or init == "corda":
             # peft reloads a PiSSA adapter by running PiSSA on the base again; with a randomized SVD
-            # (pissa_niter_*) the sketch differs from training's and the residual does not match. The converted
-            # plain LoRA that trl_recipes.sft writes beside it applies to the untouched base exactly.
+            # (pissa_niter_*) the sketch differs from training's and the residual does not match, and a CorDA one
+            # needs its calibration again. The converted plain LoRA that trl_recipes.sft writes beside it applies to
+            # the untouched base exactly.
             plain = os.path.join(os.path.dirname(os.path.abspath(adapter)), "adapter_plain_peft")
             if os.path.isfile(os.path.join(plain, "adapter_config.json")):
                 adapter = plain
             elif init != "pissa":
                 raise DataError(
-                    f"--adapter '{adapter}' is a PiSSA adapter (init_lora_weights={init}) relative to a residual "
-                    f"base that a randomized SVD cannot rebuild. Fix: evaluate its converted plain adapter "
-                    f"(adapter_plain_peft, written by trl_recipes.sft)."
+                    f"--adapter '{adapter}' is a peft PiSSA/CorDA adapter (init_lora_weights={init}) relative to a "
+                    f"residual base that peft cannot rebuild (a randomized SVD, or CorDA's calibration). Fix: "
+                    f"evaluate its converted plain adapter (adapter_plain_peft, written by trl_recipes.sft)."
                 )
 
         def after():

@@ -27,7 +27,7 @@ import time
 from typing import Optional
 
 from .args import DEFAULT_RECIPE, DEFAULT_TEST_FILE, DEFAULT_TRAIN_FILE, PeftMethodArguments, get_peft_config
-from .dataset import DataError, load_split, prompt_and_reference, to_sft_format
+from .dataset import DataError, load_split, prompt_and_reference, qa_to_messages, to_sft_format
 
 
 class RecipeError(ValueError):
@@ -163,9 +163,35 @@ def load_datasets(script_args, training_args, method_args):
 
 
 def calibration_data(method_args, train):
+    """The calibration records. `--calibration_text_field messages` on question/answer records (NQ-open style)
+    calibrates on them as chat conversations, the way the chat model sees such questions, not as raw text."""
+    data = train
     if method_args.calibration_dataset:
-        return load_split(method_args.calibration_dataset, method_args.calibration_split)
-    return train  # records with messages / prompt / text: calibrate picks the field
+        data = load_split(method_args.calibration_dataset, method_args.calibration_split)
+    cols = set(data.column_names)
+    if method_args.calibration_text_field == "messages" and "messages" not in cols and {"question", "answer"} <= cols:
+        data = data.map(qa_to_messages, remove_columns=sorted(cols))
+    return data  # records with messages / prompt / text: calibrate picks the field
+
+
+def calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose: bool) -> None:
+    """CorDA's calibration before the model is wrapped: peft_ext's `calibrate`, or peft's `preprocess_corda`
+    (`--corda_implementation peft`) on the same samples."""
+    from peft_ext import calibrate
+
+    text_field = method_args.calibration_text_field
+    text_field = text_field.split(",") if text_field and "," in text_field else text_field
+    common = dict(tokenizer=tokenizer, num_samples=method_args.calibration_samples,
+                  max_length=method_args.calibration_max_length, seed=method_args.svd_seed, text_field=text_field,
+                  verbose=verbose)
+    data = calibration_data(method_args, train)
+    if method_args.corda_implementation == "peft":
+        from .peft_corda import calibrate_with_peft
+
+        calibrate_with_peft(model, peft_config, data, **common)
+    else:
+        calibrate(model, peft_config, data, batch_size=method_args.calibration_batch_size,
+                  cache_file=method_args.calibration_cache, **common)
 
 
 def plot_loss(history: list[tuple[int, float]], path: str, title: str) -> None:
@@ -203,6 +229,32 @@ def init_distributed_on_cpu() -> bool:
     return True
 
 
+def converts_at_save(method_args) -> bool:
+    """peft's PiSSA and CorDA adapters apply to a residual base that peft cannot rebuild on reload: they are exported
+    through peft's conversion to a plain LoRA (`path_initial_model_for_weight_conversion`)."""
+    return method_args.peft_method == "pissa" or (
+        method_args.peft_method == "corda" and method_args.corda_implementation == "peft")
+
+
+def init_factor_norms(model) -> dict:
+    """Per layer type (the last part of the module name, e.g. q_proj): the mean Frobenius norms of the adapter's
+    lora_A and lora_B weights right after initialisation, and how many layers were averaged."""
+    import torch
+
+    sums: dict = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            lora_A, lora_B = getattr(module, "lora_A", None), getattr(module, "lora_B", None)
+            if not isinstance(lora_A, torch.nn.ModuleDict) or "default" not in lora_A:
+                continue
+            kind = name.rsplit(".", 1)[-1]
+            entry = sums.setdefault(kind, [0.0, 0.0, 0])
+            entry[0] += float(lora_A["default"].weight.float().norm())
+            entry[1] += float(lora_B["default"].weight.float().norm())
+            entry[2] += 1
+    return {k: {"A": a / n, "B": b / n, "layers": n} for k, (a, b, n) in sums.items()}
+
+
 def run(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if init_distributed_on_cpu():
@@ -219,7 +271,6 @@ def run(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer, get_quantization_config
 
-    from peft_ext import calibrate
     from peft_ext.distributed import gathered_forward
     from peft_ext.quantization import no_cpu_repacking
 
@@ -258,21 +309,17 @@ def run(argv=None) -> dict:
         log(f"[trl_recipes] quantized base: decomposing the float weights of {float_weights}, residual quantized once")
     peft_config = get_peft_config(model_args, method_args, float_weights_path=float_weights)
     if method_args.peft_method == "corda":
-        text_field = method_args.calibration_text_field
-        calibrate(model, peft_config, calibration_data(method_args, train), tokenizer=tokenizer,
-                  num_samples=method_args.calibration_samples, max_length=method_args.calibration_max_length,
-                  batch_size=method_args.calibration_batch_size, seed=method_args.svd_seed,
-                  text_field=text_field.split(",") if text_field and "," in text_field else text_field,
-                  cache_file=method_args.calibration_cache, verbose=main_process)
+        calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose=main_process)
 
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
     if quantization is not None:
         settle_quantized_adapter_dtypes(trainer.model, sixteen_bit=training_args.bf16 or training_args.fp16,
                                         zero3=is_deepspeed_zero3_enabled())
+    init_norms = init_factor_norms(trainer.model)
     pissa_init_dir = os.path.join(out_dir, "pissa_init")  # peft uses the folder name as an adapter name
-    if method_args.peft_method == "pissa" and main_process:
-        # peft's route to a plain adapter for PiSSA: keep the initial factors, convert at save time
+    if converts_at_save(method_args) and main_process:
+        # peft's route to a plain adapter for PiSSA (and its CorDA): keep the initial factors, convert at save time
         init = trainer.model.peft_config["default"].init_lora_weights
         trainer.model.peft_config["default"].init_lora_weights = True
         trainer.model.save_pretrained(pissa_init_dir)
@@ -292,7 +339,7 @@ def run(argv=None) -> dict:
     metrics = {}
     if main_process:
         metrics = finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir,
-                             peft_model, trainer, train, held_out, before, after, train_seconds)
+                             peft_model, trainer, train, held_out, before, after, train_seconds, init_norms)
     state.wait_for_everyone()  # the other ranks leave together with the main one (gloo aborts on a ragged exit)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -300,17 +347,16 @@ def run(argv=None) -> dict:
 
 
 def finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir, peft_model,
-               trainer, train, held_out, before, after, train_seconds) -> dict:
+               trainer, train, held_out, before, after, train_seconds, init_norms=None) -> dict:
     """Main process: export, loss curve, metrics.json (last) and the printed summary."""
     from peft_ext import export_peft_adapter
 
     from .evaluate import final_number
-
     if method_args.export_plain_peft:
-        if method_args.peft_method in ("dude", "corda"):
-            export_peft_adapter(adapter_dir, plain_dir)  # from the saved files: complete even under ZeRO-3
-        elif method_args.peft_method == "pissa":
+        if converts_at_save(method_args):
             peft_model.save_pretrained(plain_dir, path_initial_model_for_weight_conversion=pissa_init_dir)
+        elif method_args.peft_method in ("dude", "corda"):
+            export_peft_adapter(adapter_dir, plain_dir)  # from the saved files: complete even under ZeRO-3
         else:  # lora / dora adapters are plain peft already
             peft_model.save_pretrained(plain_dir)
     shutil.rmtree(pissa_init_dir, ignore_errors=True)
@@ -337,6 +383,7 @@ def finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain
         "held_out_exact_match_before": (sum(e["correct_before"] for e in examples) / len(examples)) if examples else None,
         "held_out_exact_match_after": (sum(e["correct_after"] for e in examples) / len(examples)) if examples else None,
         "held_out_examples": examples,
+        "init_factor_norms": init_norms,
         "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "adapter_dir": adapter_dir,
