@@ -57,6 +57,24 @@ def test_ipm_verdicts_compare_early_loss_to_each_method():
     assert verdict_of(results, "CorDA-IPM learns faster than PiSSA") == "does not hold"
 
 
+def test_every_corda_arm_is_judged_and_held_against_peft():
+    """Each KPM/IPM arm gets its own claims; ours is held against peft's CorDA of the same mode on every measure."""
+    results = {"LoRA": seeds(0.9, 4.7), "PiSSA": seeds(0.9, 4.5, early=0.9),
+               "CorDA-IPM": seeds(0.9, 4.5, early=0.9), "CorDA-IPM-unbalanced": seeds(1.0, 4.8, early=1.2),
+               "peft-CorDA-IPM": seeds(0.95, 4.5, early=1.0), "CorDA-KPM": seeds(0.9, 4.5),
+               "peft-CorDA-KPM": seeds(0.9, 4.5)}
+    claims = {c: v for c, v, _ in verdicts(results, BASE, {"LoRA": 4e-3, "CorDA-KPM": 2e-3, "peft-CorDA-KPM": 1e-4})}
+    assert claims["CorDA-IPM learns faster than LoRA"] == "holds"
+    assert claims["CorDA-IPM-unbalanced learns faster than PiSSA"] == "does not hold"
+    assert claims["peft-CorDA-KPM forgets less than LoRA at comparable task gain"] == "holds"
+    # better on task and early loss, equal on forgetting: holds; worse on all three: does not hold
+    assert claims["CorDA-IPM is at least as good as peft-CorDA-IPM"] == "holds"
+    assert claims["CorDA-IPM-unbalanced is at least as good as peft-CorDA-IPM"] == "does not hold"
+    assert claims["CorDA-KPM is at least as good as peft-CorDA-KPM"] == "holds"  # equal everywhere
+    assert claims["CorDA-KPM's best learning rate is within 4× of LoRA's"] == "holds"
+    assert claims["peft-CorDA-KPM's best learning rate is within 4× of LoRA's"] == "does not hold"
+
+
 def test_dude_verdict_needs_a_match_and_a_smaller_spread():
     dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
     assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
@@ -71,7 +89,8 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     """Sweep with an edge extension, seeds, evaluations, resume from the cache, report, JSON and plots."""
     work, out = tmp_path / "work", tmp_path / "results" / "cmp"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "compare_methods.py"), "--model", tiny_model_dir,
-           "--methods", "LoRA,CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
+           "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
+           "--lrs_for", "peft-CorDA-KPM=1e-3",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
            "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
            "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
@@ -79,6 +98,7 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.load(open(f"{out}.json"))
+    assert list(data["sweep"]["peft-CorDA-KPM"]) == ["0.001"]  # its own grid: one point, nothing to extend
     for method in ("LoRA", "CorDA-KPM"):
         sweep = data["sweep"][method]
         assert len(sweep) == 3  # the grid, plus one step past its winning edge
@@ -89,6 +109,8 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert os.path.isfile(work / "kpm_covariance.safetensors")  # calibrated once, read by the other KPM runs
     report = open(f"{out}.md").read()
     assert "CorDA-KPM forgets less than LoRA" in report and "--model" in report
+    assert "CorDA-KPM is at least as good as peft-CorDA-KPM" in report and "Factor norms at init" in report
+    assert all(data["results"][m][0]["init_factor_norms"]["q_proj"]["A"] > 0 for m in data["results"])
     assert os.path.getsize(f"{out}_loss.png") > 0 and os.path.getsize(f"{out}_knowledge_vs_task.png") > 0
     # a second invocation reuses every finished run and evaluation: nothing trains again
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
@@ -96,3 +118,39 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert mtimes and all(os.path.getmtime(p) == t for p, t in mtimes.items())
     assert json.load(open(f"{out}.json"))["results"] == data["results"]
+
+
+def test_recipe_forgetting_verdict_rule():
+    from benchmarks.recipe_forgetting import verdict
+
+    base = {"task_nll": 1.0, "knowledge_nll": 4.0}
+    lora = [{"task_nll": 0.5 + j, "knowledge_nll": 5.0 + j} for j in (0.0, 0.01, -0.01)]
+    assert verdict([{"task_nll": 0.5 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == "holds"
+    assert verdict([{"task_nll": 0.5 + j, "knowledge_nll": 6.0 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == \
+        "does not hold"
+    assert verdict([{"task_nll": 0.9 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == \
+        "not at comparable task gain"
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the KPM recipe calibrates on ../shared/data (CI has it)")
+def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The shipped recipes with 2 steps on a tiny model, 2 seeds: runs, evaluations, report, verdict, reuse."""
+    fast = "--max_steps 2 --per_device_train_batch_size 2 --eval_examples 2 --eval_max_new_tokens 4"
+    arms = f"LoRA=lora/config_cpu.yaml {fast};CorDA-KPM=corda/config_kpm_cpu.yaml {fast} --calibration_samples 8"
+    work, out = tmp_path / "work", tmp_path / "results" / "forget"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_forgetting.py"), "--model", tiny_model_dir,
+           "--arms", arms, "--seeds", "2", "--knowledge_examples", "4", "--work_dir", str(work), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.load(open(f"{out}.json"))
+    assert set(data["results"]) == {"LoRA", "CorDA-KPM"}
+    for runs in data["results"].values():
+        assert len(runs) == 2 and all(r["task_nll"] > 0 and r["knowledge_nll"] > 0 for r in runs)
+    knowledge = [json.loads(line)["question"] for line in open(work / "knowledge.jsonl")]
+    calibration = {json.loads(line)["question"] for line in open(os.path.join(SHARED, "nq_open", "NQ-open.dev.jsonl"))}
+    assert len(knowledge) == 4 and not set(knowledge) & calibration
+    assert "CorDA-KPM forgets less than LoRA" in open(f"{out}.md").read()
+    mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0 and all(os.path.getmtime(p) == t for p, t in mtimes.items())

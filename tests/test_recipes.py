@@ -170,6 +170,32 @@ def test_question_answer_data_is_converted(tmp_path):
     assert ds[1]["completion"][0]["content"] == "me"
 
 
+def test_qa_calibration_records_become_chat_conversations(tmp_path):
+    """--calibration_text_field messages on question/answer records: calibrate sees the chat-formatted conversation,
+    as the chat model sees such a question; any other field keeps the records as they are."""
+    from transformers import AutoTokenizer
+
+    from peft_ext.corda.calibration import prepare_calibration_data
+    from trl_recipes.args import PeftMethodArguments
+    from trl_recipes.models import default_model_path
+    from trl_recipes.sft import calibration_data
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "who wrote hamlet", "answer": ["Shakespeare", "W. S."]}\n')
+    args = PeftMethodArguments(peft_method="corda", corda_method="kpm", calibration_dataset=str(path),
+                               calibration_text_field="messages")
+    data = calibration_data(args, train=None)
+    assert data[0]["messages"] == [{"role": "user", "content": "who wrote hamlet"},
+                                   {"role": "assistant", "content": "Shakespeare"}]
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    _, rows = prepare_calibration_data(data, tokenizer, num_samples=1, max_length=256, seed=0, text_field="messages")
+    text = tokenizer.decode(rows[0])
+    assert text.startswith("<|im_start|>system") and "<|im_start|>user\nwho wrote hamlet" in text
+    assert "<|im_start|>assistant\nShakespeare" in text
+    args.calibration_text_field = "question,answer"
+    assert set(calibration_data(args, train=None).column_names) == {"question", "answer"}
+
+
 # --- evaluation -----------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,211 @@
+"""Forgetting with the shipped CPU recipes: does CorDA-KPM keep more knowledge than LoRA at the recipes' own length?
+
+Each arm runs a shipped recipe (trl_recipes/recipes/SmolLM2-135M-Instruct/...) as a user would: its 60 steps on the
+shipped arithmetic data, changed only by `--seed` (and `--output_dir`). Each trained adapter is then evaluated against
+the base model on
+  * its own task: answer NLL over the 60 held-out problems of trl_recipes/data/test.jsonl, and the recipe's own
+    exact match on the first 20 (measured by trl_recipes.sft before and after training);
+  * knowledge: NQ-open gold-answer NLL on questions of the EfficientQA dev file that are not in NQ-open.dev, the file
+    the KPM recipe calibrates on (so none of them was seen by the calibration).
+The verdict uses compare_methods' rule: a difference counts when it exceeds twice its standard error over seeds,
+paired by seed (a seed fixes the order of the training batches for every arm).
+
+    python benchmarks/recipe_forgetting.py      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
+    python benchmarks/recipe_forgetting.py --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
+
+An arm is `NAME=RECIPE [sft flags]` (the recipe path relative to the SmolLM2 recipe folder); arms are separated by
+`;`. Runs go two at a time with one thread each; finished runs and evaluations in `--work_dir` are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, machine, markdown_table, stamp, write_report  # noqa: E402
+from benchmarks.compare_methods import SMOL, Slots, fmt, mean_std, paired, parallel, read_jsonl, write_jsonl  # noqa: E402
+
+DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
+TEST_FILE = os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")
+
+
+def parse_arms(spec: str) -> dict[str, tuple[str, list[str]]]:
+    arms = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, rest = part.partition("=")
+        words = shlex.split(rest)
+        if not name or not words or not os.path.isfile(os.path.join(SMOL, words[0])):
+            sys.exit(f"error: --arms entry {part!r}: expected NAME=RECIPE [flags] with RECIPE under {SMOL}.")
+        arms[name.strip()] = (words[0], words[1:])
+    return arms
+
+
+def knowledge_records(data_dir: str, n: int) -> list[dict]:
+    """EfficientQA dev questions absent from NQ-open.dev (the KPM recipe's calibration file), the first n."""
+    nq = os.path.join(data_dir, "nq_open")
+    calibration = {r["question"].strip().lower() for r in read_jsonl(os.path.join(nq, "NQ-open.dev.jsonl"))}
+    pool = read_jsonl(os.path.join(nq, "NQ-open.efficientqa.dev.1.1.jsonl"))
+    return [r for r in pool if r["question"].strip().lower() not in calibration][:n]
+
+
+def run_dir(work: str, arm: str, seed: int) -> str:
+    return os.path.join(work, "runs", f"{arm}_s{seed}")
+
+
+def job_worker(args) -> None:
+    """`--job base` or `--job ARM,SEED`: train the run unless it finished before, then evaluate it."""
+    import torch
+
+    from trl_recipes.dataset import prompt_and_reference
+    from trl_recipes.evaluate import KNOWLEDGE_INSTRUCTION, answer_nll, load_for_eval
+
+    out = None
+    if args.job != "base":
+        arm, seed = args.job.rsplit(",", 1)
+        recipe, flags = parse_arms(args.arms)[arm]
+        out = run_dir(args.work_dir, arm, int(seed))
+        if not os.path.isfile(os.path.join(out, "metrics.json")):
+            from trl_recipes.sft import run
+
+            run(["--config", os.path.join(SMOL, recipe), "--seed", seed, "--output_dir", out, *flags,
+                 *(["--model_name_or_path", args.model] if args.model else [])])
+    result_file = os.path.join(out or args.work_dir, "forgetting_eval.json")
+    if os.path.isfile(result_file):
+        return
+    adapter = None if out is None else os.path.join(out, "adapter")
+    base, after, tokenizer = load_for_eval(args.model or "SmolLM2-135M-Instruct", adapter=adapter)
+    model = after() if adapter else base
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.eval()
+    torch.manual_seed(0)
+    task = [prompt_and_reference(r) for r in read_jsonl(TEST_FILE)]
+    know = read_jsonl(os.path.join(args.work_dir, "knowledge.jsonl"))
+    k_prompts = [[{"role": "user", "content": KNOWLEDGE_INSTRUCTION.format(question=r["question"])}] for r in know]
+    result = {
+        "task_nll": statistics.mean(answer_nll(model, tokenizer, [p for p, _ in task], [a for _, a in task])),
+        "knowledge_nll": statistics.mean(answer_nll(model, tokenizer, k_prompts, [r["answer"][0] for r in know])),
+    }
+    with open(result_file + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(result_file + ".tmp", result_file)
+
+
+def run_job(args, slots: Slots, name: str) -> dict:
+    out = None
+    if name != "base":
+        arm, seed = name.rsplit(",", 1)
+        out = run_dir(args.work_dir, arm, int(seed))
+    result_file = os.path.join(out or args.work_dir, "forgetting_eval.json")
+    if not os.path.isfile(result_file):
+        cmd = [sys.executable, os.path.abspath(__file__), "--job", name, "--work_dir", args.work_dir,
+               "--arms", args.arms, *(["--model", args.model] if args.model else [])]
+        env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.workers))}
+        t = time.time()
+        with slots(0):
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {name} failed:\n{proc.stderr[-3000:]}")
+        print(f"  {name}: done in {time.time() - t:.0f} s", flush=True)
+    result = json.load(open(result_file))
+    if out is not None:
+        metrics = json.load(open(os.path.join(out, "metrics.json")))
+        result.update(em_before=metrics["held_out_exact_match_before"], em_after=metrics["held_out_exact_match_after"],
+                      final_loss=metrics["final_loss"], seconds_per_step=metrics["seconds_per_step"],
+                      init_factor_norms=metrics.get("init_factor_norms"))
+    return result
+
+
+def verdict(kpm: list[dict], lora: list[dict], base: dict) -> tuple[str, str]:
+    """compare_methods' KPM rule on these runs: less forgetting beyond 2 standard errors, at ≥ 90% of LoRA's gain."""
+    forget = lambda runs: [r["knowledge_nll"] - base["knowledge_nll"] for r in runs]  # noqa: E731
+    gain = lambda runs: [base["task_nll"] - r["task_nll"] for r in runs]  # noqa: E731
+    df = paired(forget(kpm), forget(lora))
+    comparable = statistics.mean(gain(kpm)) >= 0.9 * statistics.mean(gain(lora))
+    less, more = df[0] + 2 * df[1] < 0, df[0] - 2 * df[1] > 0
+    text = ("holds" if less and comparable else "does not hold" if more else
+            "not at comparable task gain" if less else "not shown (within noise)")
+    evidence = (f"gold NLL increase KPM {fmt(mean_std(forget(kpm)))} vs LoRA {fmt(mean_std(forget(lora)))} (paired "
+                f"difference {df[0]:+.3f} ± {df[1]:.3f}); task NLL gain KPM {fmt(mean_std(gain(kpm)))} vs LoRA "
+                f"{fmt(mean_std(gain(lora)))} (comparable: {'yes' if comparable else 'no'})")
+    return text, evidence
+
+
+def report(args, arms, base, results, wall_minutes) -> None:
+    rows = []
+    for name, runs in results.items():
+        get = lambda k: mean_std([r[k] for r in runs])  # noqa: E731
+        rows.append([name, " ".join([arms[name][0], *arms[name][1]]), fmt(get("task_nll")),
+                     fmt(mean_std([r["em_after"] for r in runs]), 2),
+                     fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
+                     fmt(get("final_loss")), f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}"])
+    seeds = [42 + i for i in range(args.seeds)]
+    per_seed = [[name, *[f"{r['knowledge_nll'] - base['knowledge_nll']:+.3f}" for r in runs]]
+                for name, runs in results.items()]
+    parts = [
+        "# Forgetting with the shipped CPU recipes (SmolLM2-135M-Instruct, 60 steps on the shipped arithmetic data)",
+        f"Command: `python benchmarks/recipe_forgetting.py --arms \"{args.arms}\" --seeds {args.seeds} "
+        f"--knowledge_examples {args.knowledge_examples} --workers {args.workers}"
+        + (f" --model {args.model}" if args.model else "") + f"`  \nMachine: {machine()}; "
+        f"{args.workers} runs at a time  \nDate: {stamp()}; wall time of this invocation {wall_minutes:.0f} min",
+        f"Each arm is a shipped recipe run unchanged but for `--seed` (seeds {seeds}). Task: answer NLL over the 60 "
+        f"problems of trl_recipes/data/test.jsonl, and the recipe's exact match on its first 20. Knowledge: NQ-open "
+        f"gold-answer NLL on {args.knowledge_examples} EfficientQA-dev questions that are not in NQ-open.dev (the KPM "
+        f"recipe's calibration file). Base model: task NLL {base['task_nll']:.3f}, knowledge gold NLL "
+        f"{base['knowledge_nll']:.3f}.",
+        "## Results (mean ± std over seeds)\n\n" + markdown_table(
+            ["arm", "recipe", "task answer NLL ↓", "exact match (20) ↑", "knowledge gold NLL change ↓ (forgetting)",
+             "final train loss", "s/step (median)"], rows),
+        "Knowledge gold NLL change per seed:\n\n" + markdown_table(["arm", *[f"seed {s}" for s in seeds]], per_seed),
+    ]
+    verdict_rows = [[f"{k} forgets less than {lo} at comparable task gain", f"**{v[0]}**", v[1]]
+                    for k in results if "KPM" in k for lo in results if lo.startswith("LoRA")
+                    for v in [verdict(results[k], results[lo], base)]]
+    if verdict_rows:
+        parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
+    write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,
+                                                       "args": {k: v for k, v in vars(args).items() if k != "job"}})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default=DEFAULT_ARMS)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 42, 43, ... (42 is the recipes' own)")
+    ap.add_argument("--knowledge_examples", type=int, default=200)
+    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+    ap.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "recipe_forgetting"))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--model", default=None, help="base model (default: the packaged SmolLM2-135M-Instruct)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_forgetting"))
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.job:
+        return job_worker(args)
+    arms = parse_arms(args.arms)
+    os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
+    write_jsonl(os.path.join(args.work_dir, "knowledge.jsonl"), knowledge_records(args.data_dir, args.knowledge_examples))
+    slots, t0 = Slots(args.workers), time.time()
+    jobs = ["base", *[f"{a},{42 + i}" for i in range(args.seeds) for a in arms]]
+    try:
+        done = dict(zip(jobs, parallel(lambda j: run_job(args, slots, j), jobs)))
+    except RuntimeError as exc:
+        sys.exit(f"error: {exc}")
+    results = {a: [done[f"{a},{42 + i}"] for i in range(args.seeds)] for a in arms}
+    report(args, arms, done["base"], results, (time.time() - t0) / 60)
+
+
+if __name__ == "__main__":
+    main()
