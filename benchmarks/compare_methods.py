@@ -60,8 +60,10 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
                                                            "{work}/kpm_covariance.safetensors"]),
     "CorDA-IPM-unbalanced": ("corda/config_ipm_cpu.yaml", [*_IPM, *_UNBALANCED, "--calibration_cache",
                                                            "{work}/ipm_covariance.safetensors"]),
-    "peft-CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, *_PEFT]),
-    "peft-CorDA-IPM": ("corda/config_ipm_cpu.yaml", [*_IPM, *_PEFT]),
+    "peft-CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, *_PEFT, "--calibration_cache",
+                                                     "{work}/peft_kpm_covariance.pt"]),
+    "peft-CorDA-IPM": ("corda/config_ipm_cpu.yaml", [*_IPM, *_PEFT, "--calibration_cache",
+                                                     "{work}/peft_ipm_covariance.pt"]),
 }
 DEFAULT_LRS_FOR = "LoRA=1.6e-3,6.4e-3,2.6e-2;DoRA=1.6e-3,6.4e-3,2.6e-2"
 # arms of our CorDA and the peft arm each is held against, side by side

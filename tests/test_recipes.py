@@ -314,3 +314,18 @@ def test_task_exact_match_on_the_first_generation_examples(tiny_model_dir):
     want = sum(final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(preds, refs)) / 2
     assert part["exact_match"] == want
     assert [e["prediction"] for e in part["examples"]] == preds
+
+
+def test_peft_corda_arm_config():
+    """--corda_implementation peft builds peft's own CorDA config; --calibration_cache becomes its covariance_file."""
+    from trl import ModelConfig
+
+    from trl_recipes.args import PeftMethodArguments, get_peft_config
+
+    args = PeftMethodArguments(peft_method="corda", corda_method="kpm", corda_implementation="peft",
+                               calibration_cache="cov.pt")
+    config = get_peft_config(ModelConfig(lora_r=4, lora_alpha=8), args)
+    assert type(config).__name__ == "LoraConfig" and config.init_lora_weights == "corda"
+    assert config.corda_config.corda_method == "kpm" and config.corda_config.covariance_file == "cov.pt"
+    with pytest.raises(ValueError, match="--corda_implementation 'x'"):
+        PeftMethodArguments(peft_method="corda", corda_implementation="x")

@@ -57,7 +57,10 @@ class PeftMethodArguments:
     calibration_max_length: int = field(default=256, metadata={"help": "corda: tokens per calibration sample."})
     calibration_batch_size: int = field(default=8, metadata={"help": "corda: calibration batch size."})
     calibration_cache: Optional[str] = field(
-        default=None, metadata={"help": "corda: safetensors cache of the covariances (read if valid, else written)."}
+        default=None,
+        metadata={"help": "corda: cache of the covariances, read if valid, else written (peft_ext: a safetensors file "
+                          "checked against model, targets and data; --corda_implementation peft: peft's "
+                          "covariance_file, unchecked)."}
     )
     float_weights: str = field(
         default="auto",
@@ -114,7 +117,8 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
         from peft.tuners.lora.config import CordaConfig
 
         return LoraConfig(**common, init_lora_weights="corda",
-                          corda_config=CordaConfig(corda_method=method_args.corda_method))
+                          corda_config=CordaConfig(corda_method=method_args.corda_method,
+                                                   covariance_file=method_args.calibration_cache))
     return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
                        corda_balance_factors=method_args.corda_balance_factors,
                        svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,
