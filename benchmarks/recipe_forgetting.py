@@ -147,7 +147,8 @@ def report(args, arms, base, results, wall_minutes) -> None:
         rows.append([name, " ".join([arms[name][0], *arms[name][1]]), fmt(get("task_nll")),
                      fmt(mean_std([r["em_after"] for r in runs]), 2),
                      fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
-                     fmt(get("final_loss")), f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}"])
+                     "–" if any(r["final_loss"] is None for r in runs) else fmt(get("final_loss")),
+                     f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}"])
     seeds = [42 + i for i in range(args.seeds)]
     per_seed = [[name, *[f"{r['knowledge_nll'] - base['knowledge_nll']:+.3f}" for r in runs]]
                 for name, runs in results.items()]
