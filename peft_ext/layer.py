@@ -258,6 +258,7 @@ class ResidualInitMixin:
             return super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
         name = kwargs.get("target_name") or "<unnamed>"
+        existed = adapter_name in self.lora_A or adapter_name in self._peft_ext_state  # never undone by this call
         try:
             state = self._prepare(r, lora_alpha, config, name)
             self._peft_ext_state[adapter_name] = state
@@ -269,9 +270,10 @@ class ResidualInitMixin:
             self.lora_init_A[adapter_name] = state.lora_A
             self.lora_init_B[adapter_name] = state.lora_B
         except BaseException:
-            self._peft_ext_state.pop(adapter_name, None)
-            if not created and adapter_name in self.lora_A:
-                self.delete_adapter(adapter_name)
+            if not existed:  # remove only what this call added; an adapter of the same name from before stays intact
+                self._peft_ext_state.pop(adapter_name, None)
+                if not created and adapter_name in self.lora_A:
+                    self.delete_adapter(adapter_name)
             rollback_injection(config)
             raise
         state.config = config
