@@ -10,8 +10,8 @@ init). Every adapter is evaluated on
 and the runs record their loss curve, seconds per step, peak memory and the norms of the adapter factors at init.
 The CorDA arms: ours with balanced factors (CorDA-KPM/IPM, the default), ours unbalanced (-unbalanced), and peft's
 own `preprocess_corda` (peft-CorDA-KPM/IPM); every KPM arm calibrates on the same NQ-open questions of the EfficientQA
-dev file (none of the evaluated NQ-open dev questions), every IPM arm on the same GSM8K train questions, each in its
-recipe's format.
+dev file (none of the evaluated NQ-open dev questions) with their answers, every IPM arm on the same GSM8K train
+problems with their solutions; both as chat conversations, as the recipes calibrate.
 
     python benchmarks/compare_methods.py              # all ten arms, ~1.5 hours on 2 CPU cores
     python benchmarks/compare_methods.py --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/x   # a subset
@@ -47,7 +47,7 @@ from benchmarks.common import ROOT, machine, markdown_table, stamp, write_report
 SMOL = os.path.join(ROOT, "trl_recipes", "recipes", "SmolLM2-135M-Instruct")
 # the calibration files hold the records in the recipes' formats, so that every arm calibrates as its recipe does
 _KPM = ["--calibration_dataset", "{work}/kpm_calibration.jsonl"]  # question + answers, as NQ-open
-_IPM = ["--calibration_dataset", "{work}/ipm_calibration.jsonl"]  # the training prompts: chat user messages
+_IPM = ["--calibration_dataset", "{work}/ipm_calibration.jsonl"]  # question + answer: whole training conversations
 _UNBALANCED, _PEFT = ["--corda_balance_factors", "false"], ["--corda_implementation", "peft"]
 METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibrates on the same texts
     "LoRA": ("lora/config_cpu.yaml", []),
@@ -110,7 +110,7 @@ def prepare_data(data_dir: str, work: str, args) -> dict:
     write_jsonl(paths["test"], test)
     write_jsonl(paths["nq"], nq)
     write_jsonl(paths["kpm"], [{"question": r["question"], "answer": r["answer"]} for r in kpm])
-    write_jsonl(paths["ipm"], [{"prompt": [{"role": "user", "content": r["question"]}]}
+    write_jsonl(paths["ipm"], [{"question": r["question"], "answer": r["answer"]}
                                for r in train[: args.calibration_samples]])
     return paths
 
@@ -661,9 +661,9 @@ def setup_text(args, model, grids) -> str:
            f"new tokens)" if args.em_examples else "")
         + f". Knowledge: NQ-open dev, {args.knowledge_examples} questions, gold-answer NLL and normalised exact match "
         f"of a short greedy answer. Every KPM arm (ours balanced and unbalanced, peft's) calibrates on the same "
-        f"{args.calibration_samples} EfficientQA-dev questions (none of the evaluated ones), every IPM arm on the same "
-        f"{args.calibration_samples} GSM8K train questions; peft's arms run `preprocess_corda` one sample at a time, "
-        f"as it requires.")
+        f"{args.calibration_samples} EfficientQA-dev questions (none of the evaluated ones) with their answers, every "
+        f"IPM arm on the same {args.calibration_samples} GSM8K train problems with their solutions, both as chat "
+        f"conversations; peft's arms run `preprocess_corda` one sample at a time, as it requires.")
 
 
 def report(args, base, sweep, best_lr, results, grids, invocations) -> None:

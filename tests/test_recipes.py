@@ -196,6 +196,27 @@ def test_qa_calibration_records_become_chat_conversations(tmp_path):
     assert set(calibration_data(args, train=None).column_names) == {"question", "answer"}
 
 
+def test_prompt_completion_calibration_records_become_whole_conversations(tmp_path):
+    """--calibration_text_field messages on the training data's prompt/completion records (the IPM recipe): each
+    record is calibrated as one conversation, the prompt's messages then the completion's, in chat and plain-string
+    form; without the option the records stay as they are."""
+    import datasets
+
+    from trl_recipes.args import PeftMethodArguments
+    from trl_recipes.sft import calibration_data
+
+    train = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": "2+3?"}], "completion": [{"role": "assistant", "content": "5"}]}])
+    args = PeftMethodArguments(peft_method="corda", corda_method="ipm", calibration_text_field="messages")
+    assert calibration_data(args, train)[0]["messages"] == [{"role": "user", "content": "2+3?"},
+                                                            {"role": "assistant", "content": "5"}]
+    plain = datasets.Dataset.from_list([{"prompt": "2+3?", "completion": "5"}])
+    assert calibration_data(args, plain)[0]["messages"] == [{"role": "user", "content": "2+3?"},
+                                                            {"role": "assistant", "content": "5"}]
+    args.calibration_text_field = "prompt"
+    assert set(calibration_data(args, train).column_names) == {"prompt", "completion"}
+
+
 # --- evaluation -----------------------------------------------------------------------------------------------------
 
 

@@ -48,6 +48,15 @@ def qa_to_messages(record: dict) -> dict:
     return {"messages": pair["prompt"] + pair["completion"]}
 
 
+def pair_to_messages(record: dict) -> dict:
+    """A prompt/completion record (chat lists or plain strings) as one chat conversation: the prompt's messages, then
+    the completion's, as the chat model sees them in training."""
+    prompt, completion = record["prompt"], record["completion"]
+    prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+    completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}]
+    return {"messages": list(prompt) + list(completion)}
+
+
 def to_sft_format(ds, text_field: str = "text", where: str = "dataset"):
     """Check that `ds` has columns SFTTrainer can train on (converting question/answer); raise a DataError if not."""
     cols = set(ds.column_names)

@@ -27,7 +27,7 @@ import time
 from typing import Optional
 
 from .args import DEFAULT_RECIPE, DEFAULT_TEST_FILE, DEFAULT_TRAIN_FILE, PeftMethodArguments, get_peft_config
-from .dataset import DataError, load_split, prompt_and_reference, qa_to_messages, to_sft_format
+from .dataset import DataError, load_split, pair_to_messages, prompt_and_reference, qa_to_messages, to_sft_format
 
 
 class RecipeError(ValueError):
@@ -163,14 +163,18 @@ def load_datasets(script_args, training_args, method_args):
 
 
 def calibration_data(method_args, train):
-    """The calibration records. `--calibration_text_field messages` on question/answer records (NQ-open style)
-    calibrates on them as chat conversations, the way the chat model sees such questions, not as raw text."""
+    """The calibration records. `--calibration_text_field messages` on question/answer or prompt/completion records
+    calibrates on them as whole chat conversations (question and answer), the way the chat model sees them in
+    training, not as raw text or prompts alone."""
     data = train
     if method_args.calibration_dataset:
         data = load_split(method_args.calibration_dataset, method_args.calibration_split)
     cols = set(data.column_names)
-    if method_args.calibration_text_field == "messages" and "messages" not in cols and {"question", "answer"} <= cols:
-        data = data.map(qa_to_messages, remove_columns=sorted(cols))
+    if method_args.calibration_text_field == "messages" and "messages" not in cols:
+        if {"question", "answer"} <= cols:
+            data = data.map(qa_to_messages, remove_columns=sorted(cols))
+        elif {"prompt", "completion"} <= cols:
+            data = data.map(pair_to_messages, remove_columns=sorted(cols))
     return data  # records with messages / prompt / text: calibrate picks the field
 
 
