@@ -1,4 +1,4 @@
-"""peft_ext CorDA vs peft's `preprocess_corda` on SmolLM2-135M-Instruct (issue 3).
+"""peft_ext CorDA vs peft's `preprocess_corda` on SmolLM2-135M-Instruct.
 
 All linear projections, r=16, 256 calibration samples of up to 256 tokens: NQ-open question + answers for KPM,
 GSM8K questions for IPM (from ../shared/data, or --data_dir). Side by side in one run, each measurement in its own
@@ -10,7 +10,7 @@ process (clean peak RSS), methods interleaved over rounds:
 Reported: wall time of calibration and decomposition, extra peak memory (peak RSS minus the RSS of the loaded model
 after one tiny forward pass has paged its memory-mapped weights in), and the ratios.
 
-    python benchmarks/bench_corda.py                 # writes benchmarks/results/corda_smollm2.md
+    python -m benchmarks.bench_corda                 # writes benchmarks/results/corda_smollm2.md
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     SMOLLM2_TARGETS,
     allocators,
@@ -33,6 +30,7 @@ from benchmarks.common import (  # noqa: E402
     markdown_table,
     median,
     peak_rss_mb,
+    read_jsonl,
     run_worker,
     stamp,
     write_report,
@@ -47,8 +45,7 @@ def load_texts(data_dir: str, mode: str, n: int, seed: int = 0) -> list[str]:
     else:
         path = os.path.join(data_dir, "gsm8k", "train.jsonl")
         fmt = lambda r: r["question"]  # noqa: E731
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     random.Random(seed).shuffle(records)
     return [fmt(r) for r in records[:n]]
 
@@ -141,7 +138,7 @@ def main() -> None:
     from trl_recipes.models import default_model_path
 
     default_model_path()
-    script = os.path.abspath(__file__)
+    script = "benchmarks.bench_corda"
     opts = ["--data_dir", args.data_dir, "--samples", str(args.samples), "--max_length", str(args.max_length),
             "--batch_size", str(args.batch_size), "--threads", str(args.threads)]
     sections, raw, summary = [], {}, {}
@@ -186,7 +183,7 @@ def main() -> None:
         ]))
     report = "\n\n".join([
         "# CorDA on SmolLM2-135M-Instruct (r=16, all linear projections)",
-        f"Command: `python benchmarks/bench_corda.py --samples {args.samples} --max_length {args.max_length} "
+        f"Command: `python -m benchmarks.bench_corda --samples {args.samples} --max_length {args.max_length} "
         f"--batch_size {args.batch_size} --rounds {args.rounds} --threads {args.threads} "
         f"--allocators {args.allocators}`  \nMachine: {machine()}  \nDate: {stamp()}  \n"
         f"Data: {args.samples} NQ-open dev question+answers (KPM) and GSM8K train questions (IPM), seeded selection, "

@@ -1,4 +1,4 @@
-"""DuDe vs peft's built-ins on SmolLM2-135M-Instruct, r=16 on all linear projections (issue 2).
+"""DuDe vs peft's built-ins on SmolLM2-135M-Instruct, r=16 on all linear projections.
 
 Measures, side by side in one run:
   * init time: DuDe (exact SVD, randomized SVD with 4 power iterations) vs peft's
@@ -8,8 +8,8 @@ Measures, side by side in one run:
 Every measurement runs in its own process (clean peak RSS); methods are interleaved over rounds because the machine is
 shared and noisy, and medians are reported.
 
-    python benchmarks/bench_dude.py                # writes benchmarks/results/dude_smollm2.md
-    python benchmarks/bench_dude.py --rounds 1 --steps 2   # quick look
+    python -m benchmarks.bench_dude                # writes benchmarks/results/dude_smollm2.md
+    python -m benchmarks.bench_dude --rounds 1 --steps 2   # quick look
 """
 
 from __future__ import annotations
@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     ROOT,
     SMOLLM2_TARGETS,
     current_rss_mb,
@@ -145,22 +142,18 @@ def norm_microbench(threads: int, repeats: int = 5) -> dict:
     return out
 
 
-ANALYSIS = """## Why some ratios miss their goal
+ANALYSIS = """## Reading the ratios
 
-* **Step time depends on the allocator more than on DuDe's forward.** In isolation (one MLP block, 1024 tokens,
-  same process) DuDe's layer is faster than peft's DoRA layer (36.5 vs 39.4 ms forward + backward; its row norm
-  alone is 4-5× cheaper, table above). Across allocators the same DuDe code is 0.86× DoRA (glibc) or 1.00×
-  (jemalloc): with glibc, the weight replacement at init and DuDe's small per-layer tensors saved for backward change
-  the heap layout, so activations are served from a fragmented heap — faster (no page faults), but peak RSS grows
-  ~1.5 GB (1.25× DoRA); with jemalloc peak RSS is identical (1.00×) and DuDe costs what DoRA costs. The LoRA goal
-  (≤ 1.3×) is missed under jemalloc because a DoRA-style forward itself costs 1.4-1.5× LoRA there (peft's DoRA:
-  same ratio) — the extra elementwise passes over the activations, not the norm.
-* **Randomized init vs exact init (0.21× against a goal of 0.2×)**: the residual is written into the weight in place
-  (no extra out×in allocation, which matters on GPU). The SmolLM2 weights are memory-mapped from the safetensors
-  checkpoint, so that first write costs copy-on-write page faults — ~0.9 s of the 1.7 s randomized init, measured
-  with cProfile. The same init with the weights copied into anonymous memory first takes 0.11-0.13× the exact one
-  (rows "weights copied out of the mmap"). peft's PiSSA allocates a new tensor instead and so pays zero-fill faults
-  rather than copy-on-write (0.8-1.1 s), which is why DuDe's randomized init is 1.7-2.1× peft's `pissa_niter_4` here.
+* **Step time depends on the allocator more than on DuDe's forward.** The isolated-layer rows above (one MLP block,
+  the same process) compare DuDe's layer and its factored row norm with peft's DoRA directly. Across allocators the
+  same code can differ: with glibc, the weight replacement at init and DuDe's small per-layer tensors saved for
+  backward change the heap layout (activations come from a fragmented heap: fewer page faults, more peak RSS); with
+  jemalloc the heap does not depend on that history. A DoRA-style forward costs more than LoRA's in both, for DuDe and
+  peft's DoRA alike: the extra elementwise passes over the activations, not the norm.
+* **Randomized vs exact init.** The residual is written into the weight in place (no extra out×in allocation). The
+  SmolLM2 weights are memory-mapped from the safetensors checkpoint, so that first write costs copy-on-write page
+  faults; the rows "weights copied out of the mmap" show the init without them. peft's PiSSA allocates a new tensor
+  instead and pays zero-fill faults rather than copy-on-write.
 """
 
 
@@ -227,7 +220,7 @@ def main() -> None:
     from trl_recipes.models import default_model_path
 
     default_model_path()  # convert once, outside the timed workers
-    script = os.path.abspath(__file__)
+    script = "benchmarks.bench_dude"
     opts = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     sections, raw, summary = [], {}, {}
     for allocator, env in allocators(args.allocators).items():
@@ -241,7 +234,7 @@ def main() -> None:
 
     report = "\n\n".join([
         "# DuDe on SmolLM2-135M-Instruct (r=16, all linear projections)",
-        f"Command: `python benchmarks/bench_dude.py --rounds {args.rounds} --steps {args.steps} "
+        f"Command: `python -m benchmarks.bench_dude --rounds {args.rounds} --steps {args.steps} "
         f"--warmup {args.warmup} --threads {args.threads} --allocators {args.allocators}`  \n"
         f"Machine: {machine()}  \nDate: {stamp()}  \n"
         f"Each number is the median over {args.rounds} interleaved rounds, each in a fresh process "

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import json
+import math
 import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOL = os.path.join(ROOT, "trl_recipes", "recipes", "SmolLM2-135M-Instruct")  # the shipped recipes
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -46,10 +52,11 @@ def allocators(requested: str) -> dict[str, dict[str, str]]:
     return out
 
 
-def run_worker(script: str, args: list[str], timeout: int = 3600, env_extra: dict | None = None) -> dict:
-    """Run `python script --worker ...` in a fresh process (clean peak-memory reading) and parse its last JSON line."""
+def run_worker(module: str, args: list[str], timeout: int = 3600, env_extra: dict | None = None) -> dict:
+    """Run `python -m module --worker ...` in a fresh process (clean peak-memory reading) and parse its last JSON
+    line."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {})}
-    proc = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
@@ -94,3 +101,77 @@ def write_report(out_md: str, report: str, data: dict | None = None) -> None:
         with open(os.path.splitext(out_md)[0] + ".json", "w") as f:
             json.dump(data, f, indent=1)
     print(f"\nwritten: {out_md}")
+
+
+# --- JSONL, statistics over seeds, parallel runs -----------------------------------------------------------------
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows):
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def mean_std(xs):
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def paired(xs, ys):
+    """Mean and standard error of the per-seed differences x − y (a seed gives every method the same batches)."""
+    d = [x - y for x, y in zip(xs, ys)]
+    return statistics.mean(d), (statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("inf"))
+
+
+def fmt(ms, digits=3):
+    """(mean, std) as 'mean ± std'."""
+    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+class Slots:
+    """At most n holders at a time; waiting holders go in order of priority, then of arrival."""
+
+    def __init__(self, n: int):
+        self.free, self.waiting, self.count = n, [], itertools.count()
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def __call__(self, priority: int):
+        ticket = (priority, next(self.count))
+        with self.cond:
+            heapq.heappush(self.waiting, ticket)
+            while self.free == 0 or self.waiting[0] != ticket:
+                self.cond.wait()
+            heapq.heappop(self.waiting)
+            self.free -= 1
+            self.cond.notify_all()
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.free += 1
+                self.cond.notify_all()
+
+
+def parallel(fn, items) -> list:
+    """fn over items in threads (each run still waits for a slot); errors are raised together after all finished."""
+    results, errors = [None] * len(items), []
+
+    def call(i, item):
+        try:
+            results[i] = fn(item)
+        except Exception as exc:  # noqa: BLE001 - reported after the other items finish
+            errors.append(f"{item}: {exc}")
+
+    threads = [threading.Thread(target=call, args=(i, item)) for i, item in enumerate(items)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results

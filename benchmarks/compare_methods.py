@@ -13,8 +13,8 @@ own `preprocess_corda` (peft-CorDA-KPM/IPM); every KPM arm calibrates on the sam
 dev file (none of the evaluated NQ-open dev questions) with their answers, every IPM arm on the same GSM8K train
 problems with their solutions; both as chat conversations, as the recipes calibrate.
 
-    python benchmarks/compare_methods.py              # all ten arms, ~1.5 hours on 2 CPU cores
-    python benchmarks/compare_methods.py --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/x   # a subset
+    python -m benchmarks.compare_methods              # all ten arms, ~1.5 hours on 2 CPU cores
+    python -m benchmarks.compare_methods --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/x   # a subset
 
 Each run (its training, then its evaluation) is one subprocess; two run at a time with one thread each (`--workers`:
 two 1-thread processes get ~1.25x the throughput of one 2-thread process on this model), the grid's extensions ahead
@@ -27,11 +27,7 @@ fixed rules in `verdicts()`.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import heapq
-import itertools
 import json
-import math
 import os
 import random
 import statistics
@@ -40,11 +36,9 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel, read_jsonl,
+                               stamp, write_jsonl, write_report)
 
-from benchmarks.common import ROOT, machine, markdown_table, stamp, write_report  # noqa: E402
-
-SMOL = os.path.join(ROOT, "trl_recipes", "recipes", "SmolLM2-135M-Instruct")
 # the calibration files hold the records in the recipes' formats, so that every arm calibrates as its recipe does
 _KPM = ["--calibration_dataset", "{work}/kpm_calibration.jsonl"]  # question + answers, as NQ-open
 _IPM = ["--calibration_dataset", "{work}/ipm_calibration.jsonl"]  # question + answer: whole training conversations
@@ -72,17 +66,6 @@ PEFT_COUNTERPART = {"CorDA-KPM": "peft-CorDA-KPM", "CorDA-IPM": "peft-CorDA-IPM"
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path, rows):
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
 
 
 def prepare_data(data_dir: str, work: str, args) -> dict:
@@ -212,16 +195,6 @@ def job_worker(args) -> None:
 # --- statistics and the verdicts -------------------------------------------------------------------------------------
 
 
-def mean_std(xs):
-    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def paired(xs, ys):
-    """Mean and standard error of the per-seed differences x − y (a seed gives every method the same batches)."""
-    d = [x - y for x, y in zip(xs, ys)]
-    return statistics.mean(d), (statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("inf"))
-
-
 def early_loss(run, fraction=0.5):
     """Mean training loss over steps 2 .. half of the steps: how fast a method learns. Step 1's loss is computed
     before any update, on the unchanged base model (every init leaves the outputs unchanged), so it is left out."""
@@ -320,10 +293,6 @@ def verdicts(results: dict, base: dict, best_lr: dict | None = None) -> list[tup
     return out
 
 
-def fmt(ms, digits=3):
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
-
-
 # --- plots ----------------------------------------------------------------------------------------------------------
 
 
@@ -370,53 +339,8 @@ def plots(results, base, out_prefix):
 # --- driver ---------------------------------------------------------------------------------------------------------
 
 
-class Slots:
-    """At most n holders at a time; waiting holders go in order of priority, then of arrival."""
-
-    def __init__(self, n: int):
-        self.free, self.waiting, self.count = n, [], itertools.count()
-        self.cond = threading.Condition()
-
-    @contextlib.contextmanager
-    def __call__(self, priority: int):
-        ticket = (priority, next(self.count))
-        with self.cond:
-            heapq.heappush(self.waiting, ticket)
-            while self.free == 0 or self.waiting[0] != ticket:
-                self.cond.wait()
-            heapq.heappop(self.waiting)
-            self.free -= 1
-            self.cond.notify_all()
-        try:
-            yield
-        finally:
-            with self.cond:
-                self.free += 1
-                self.cond.notify_all()
-
-
 # priorities: grid extensions first (the seeds wait for them), then the grid, then the seeds and the base model
 EXTENSION, GRID, SEEDS = 0, 1, 2
-
-
-def parallel(fn, items) -> list:
-    """fn over items in threads (each run still waits for a slot); errors are raised together after all finished."""
-    results, errors = [None] * len(items), []
-
-    def call(i, item):
-        try:
-            results[i] = fn(item)
-        except Exception as exc:  # noqa: BLE001 - reported after the other items finish
-            errors.append(f"{item}: {exc}")
-
-    threads = [threading.Thread(target=call, args=(i, item)) for i, item in enumerate(items)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return results
 
 
 class Driver:
@@ -444,7 +368,7 @@ class Driver:
         out = job_dir(a.work_dir, name)
         to_train, to_evaluate, _ = pending(a.work_dir, out, full, need_val)
         if to_train or to_evaluate:
-            cmd = [sys.executable, os.path.abspath(__file__), "--job", name, "--work_dir", a.work_dir,
+            cmd = [sys.executable, "-m", "benchmarks.compare_methods", "--job", name, "--work_dir", a.work_dir,
                    "--steps", str(a.steps), "--batch_size", str(a.batch_size), "--max_length", str(a.max_length),
                    "--calibration_samples", str(a.calibration_samples), "--em_examples", str(a.em_examples),
                    "--task_max_new_tokens", str(a.task_max_new_tokens), *(["--full"] if full else []),
@@ -637,7 +561,7 @@ def norm_rows(results) -> tuple[list[str], list[list]]:
 
 
 def command_line(args) -> str:
-    return (f"python benchmarks/compare_methods.py --methods {args.methods} --lrs {args.lrs}"
+    return (f"python -m benchmarks.compare_methods --methods {args.methods} --lrs {args.lrs}"
             + (f" --lrs_for '{args.lrs_for}'" if args.lrs_for else "")
             + f" --seeds {args.seeds} --steps {args.steps} --batch_size {args.batch_size} --max_length "
             f"{args.max_length} --train_pool {args.train_pool} --calibration_samples {args.calibration_samples} "

@@ -10,8 +10,8 @@ the base model on
 The verdict uses compare_methods' rule: a difference counts when it exceeds twice its standard error over seeds,
 paired by seed (a seed fixes the order of the training batches for every arm).
 
-    python benchmarks/recipe_forgetting.py      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
-    python benchmarks/recipe_forgetting.py --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
+    python -m benchmarks.recipe_forgetting      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
+    python -m benchmarks.recipe_forgetting --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
 
 An arm is `NAME=RECIPE [sft flags]` (the recipe path relative to the SmolLM2 recipe folder); arms are separated by
 `;`. Runs go two at a time with one thread each; finished runs and evaluations in `--work_dir` are reused.
@@ -28,10 +28,8 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.common import ROOT, machine, markdown_table, stamp, write_report  # noqa: E402
-from benchmarks.compare_methods import SMOL, Slots, fmt, mean_std, paired, parallel, read_jsonl, write_jsonl  # noqa: E402
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel, read_jsonl,
+                               stamp, write_jsonl, write_report)
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
 TEST_FILE = os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")
@@ -106,7 +104,7 @@ def run_job(args, slots: Slots, name: str) -> dict:
         out = run_dir(args.work_dir, arm, int(seed))
     result_file = os.path.join(out or args.work_dir, "forgetting_eval.json")
     if not os.path.isfile(result_file):
-        cmd = [sys.executable, os.path.abspath(__file__), "--job", name, "--work_dir", args.work_dir,
+        cmd = [sys.executable, "-m", "benchmarks.recipe_forgetting", "--job", name, "--work_dir", args.work_dir,
                "--arms", args.arms, *(["--model", args.model] if args.model else [])]
         env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
                "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.workers))}
@@ -154,7 +152,7 @@ def report(args, arms, base, results, wall_minutes) -> None:
                 for name, runs in results.items()]
     parts = [
         "# Forgetting with the shipped CPU recipes (SmolLM2-135M-Instruct, 60 steps on the shipped arithmetic data)",
-        f"Command: `python benchmarks/recipe_forgetting.py --arms \"{args.arms}\" --seeds {args.seeds} "
+        f"Command: `python -m benchmarks.recipe_forgetting --arms \"{args.arms}\" --seeds {args.seeds} "
         f"--knowledge_examples {args.knowledge_examples} --workers {args.workers}"
         + (f" --model {args.model}" if args.model else "") + f"`  \nMachine: {machine()}; "
         f"{args.workers} runs at a time  \nDate: {stamp()}; wall time of this invocation {wall_minutes:.0f} min",

@@ -1,9 +1,10 @@
 """peft_ext: DuDe and CorDA adapters for peft, with exact reload and export to plain peft adapters."""
 
-from .config import PeftExtConfig, __version__
+from .config import PeftExtConfig, __version__, load_config
 from .corda import Calibration, CorDAConfig, calibrate
 from .dude import DuDeConfig
-from .export import export_peft_adapter, load_adapter, load_config
+from .export import export_peft_adapter
+from .loading import load_adapter
 
 
 __all__ = [

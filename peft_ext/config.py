@@ -1,18 +1,58 @@
-"""The part of the configs both methods share: a `LoraConfig` whose layers are peft_ext's residual-init layers."""
+"""`PeftExtConfig`, the part of the configs both methods share (a `LoraConfig` whose layers are peft_ext's
+residual-init layers), the registry of methods, `load_config`, and a config's run-time state."""
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from peft import LoraConfig
 from torch import nn
 
-from .layer import PEFT_EXT_INIT, create_peft_ext_layer
+from .dispatch import create_peft_ext_layer
+from .layer import PEFT_EXT_INIT
 
 
 __version__ = "0.1.0"
+CONFIG_NAME = "adapter_config.json"
+_METHODS: dict[str, type] = {}  # peft_ext_method -> config class, filled by PeftExtConfig.__init_subclass__
+
+
+class InitRuntime:
+    """What a config carries between calls at run time, never saved (like peft's `LoraRuntimeConfig`):
+
+    * `injection`: the `peft_ext.injection.Injection` of the `get_peft_model` call in progress;
+    * `stored_init`: layer name -> saved (A0, B0), set by `load_adapter` for the reload;
+    * `calibration`: CorDA's `Calibration`, set by `calibrate`, consumed by `get_peft_model`.
+
+    A copy of the config (peft and TRL deep-copy configs) shares the stored factors and the calibration, which are
+    read only, instead of copying covariances; an injection in progress is never copied.
+    """
+
+    __slots__ = ("injection", "stored_init", "calibration")
+
+    def __init__(self) -> None:
+        self.injection: Any = None
+        self.stored_init: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
+        self.calibration: Any = None
+
+    def __deepcopy__(self, memo) -> "InitRuntime":
+        copy = InitRuntime()
+        copy.stored_init, copy.calibration = self.stored_init, self.calibration
+        return copy
+
+    def __copy__(self) -> "InitRuntime":
+        return self.__deepcopy__({})
+
+    def abort(self) -> None:
+        """A target failed: undo the injection in progress (see `Injection.rollback`) and forget the reload."""
+        if self.injection is not None:
+            self.injection.rollback()
+        self.injection = self.stored_init = None
 
 
 def override_field(*, default, metadata: dict, inherit: str):
@@ -79,8 +119,23 @@ class PeftExtConfig(LoraConfig):
         },
     )
 
+    peft_ext_runtime: InitRuntime = field(
+        default_factory=InitRuntime, init=False, repr=False, compare=False,
+        metadata={"help": "Run-time state (see InitRuntime); never saved."},
+    )
+
     # the method name that the subclass stands for; `peft_ext_method` must equal it
     _method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("_method"):
+            _METHODS[cls._method] = cls
+
+    def to_dict(self) -> dict:
+        rv = super().to_dict()
+        rv.pop("peft_ext_runtime", None)
+        return rv
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,18 +176,39 @@ class PeftExtConfig(LoraConfig):
 
     def _injection_finished(self) -> None:
         """get_peft_model has committed every layer: drop what only the init needed."""
-        self.__dict__.pop("_peft_ext_stored_init", None)
+        self.peft_ext_runtime.stored_init = None
 
     @classmethod
     def from_peft_type(cls, **kwargs):
         """Build the peft_ext config class named by `peft_ext_method` (peft itself would build a plain LoraConfig)."""
-        from .export import config_class_for
-
         config_cls = config_class_for(kwargs.get("peft_ext_method"), where="adapter config")
         known = {f for f in config_cls.__dataclass_fields__ if config_cls.__dataclass_fields__[f].init}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            import warnings
-
             warnings.warn(f"{config_cls.__name__}: ignoring unknown config keys {unknown}.")
         return config_cls(**{k: v for k, v in kwargs.items() if k in known})
+
+
+def config_class_for(method: Optional[str], where: str = "config") -> type[PeftExtConfig]:
+    """The config class of a peft_ext method name."""
+    if method not in _METHODS:
+        raise ValueError(
+            f"peft_ext: {where} has peft_ext_method={method!r}; known methods are {sorted(_METHODS)}. "
+            f"Fix: a directory without peft_ext_method is a plain peft adapter: load it with "
+            f"peft.PeftModel.from_pretrained."
+        )
+    return _METHODS[method]
+
+
+def load_config(path: str) -> PeftExtConfig:
+    """Read the `DuDeConfig`/`CorDAConfig` saved in an adapter directory (every field kept)."""
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"peft_ext: no {CONFIG_NAME} in '{path}'. Fix: pass the directory save_pretrained wrote.")
+    with open(config_file) as f:
+        data = json.load(f)
+    data.pop("runtime_config", None)
+    if data.get("peft_ext_method") == "corda":
+        data.setdefault("corda_balance_factors", False)  # saved before the option existed: unbalanced factors
+    config_class_for(data.get("peft_ext_method"), where=f"'{config_file}'")
+    return PeftExtConfig.from_peft_type(**data)

@@ -1,6 +1,12 @@
-"""Tiny random models built from configs (no hub access), and comparison helpers."""
+"""What the test modules share: tiny random models built from configs (no hub access), comparison helpers, configs
+and calibration batches, and runs of the trl_recipes CLI."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 from transformers import (
@@ -78,3 +84,107 @@ def assert_same_state(before: dict[str, torch.Tensor], model) -> None:
             v.is_floating_point() and torch.allclose(v, after[k], rtol=0, atol=0, equal_nan=True)
         )
         assert same, f"{k} changed"
+
+
+# --- adapters, configs and calibration batches ------------------------------------------------------------------
+
+
+# peft_ext is imported inside the helpers that need it: tests/plain_peft_load.py uses this module in a process that
+# must not import peft_ext at all
+
+
+def peft_ext_layers(model):
+    from peft_ext.layer import PeftExtLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, PeftExtLinear)}
+
+
+def run_plain_peft(arch, adapter_dir, x, tmp_path, dtype="float32", merge=False):
+    torch.save(x, tmp_path / "x.pt")
+    out = tmp_path / "plain_logits.pt"
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "plain_peft_load.py"), arch, "0", dtype, str(adapter_dir),
+           str(tmp_path / "x.pt"), str(out)] + (["merge"] if merge else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def corda(**kwargs):
+    """A CorDAConfig for the tiny models (r=4, alpha 8, all linear layers)."""
+    from peft_ext import CorDAConfig
+
+    kwargs.setdefault("r", 4)
+    kwargs.setdefault("lora_alpha", 8)
+    kwargs.setdefault("target_modules", "all-linear")
+    return CorDAConfig(**kwargs)
+
+
+def token_batches(n: int = 12, length: int = 20, batch: int = 4, seed: int = 3, ragged: bool = True):
+    """Right-padded batches of random token ids with ragged lengths (padding id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        size = int(torch.randint(length // 2, length + 1, (1,), generator=g)) if ragged else length
+        rows.append(torch.randint(1, VOCAB, (size,), generator=g).tolist())
+    return rows_to_batches(rows, batch)
+
+
+def rows_to_batches(rows, batch, pad=0):
+    from peft_ext.corda.calibration import batch_rows
+
+    return batch_rows(rows, batch, pad)
+
+
+
+# --- the trl_recipes CLI ---------------------------------------------------------------------------------------------
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+RECIPES = os.path.join(ROOT, "trl_recipes", "recipes")
+SMOL = os.path.join(RECIPES, "SmolLM2-135M-Instruct")
+
+
+def run_cli(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "trl_recipes.sft", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_examples", "2",
+        "--eval_max_new_tokens", "6", "--logging_steps", "1"]
+
+
+def check_finished_run(out_dir, method, steps=2):
+    for name in ("adapter", "adapter_plain_peft", "metrics.json", "loss_curve.png"):
+        assert os.path.exists(os.path.join(out_dir, name)), name
+    metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
+    assert metrics["peft_method"] == method and metrics["global_steps"] == steps
+    assert len(metrics["loss_history"]) == steps and all(l > 0 for _, l in metrics["loss_history"])
+    assert len(metrics["held_out_examples"]) == 2
+    return metrics
+
+
+@torch.no_grad()
+def assert_adapter_and_export_agree(model_dir, out_dir):
+    """The saved adapter (peft_ext or peft loader) and its plain export give the same logits on the untouched base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import peft_ext
+
+    x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    adapter = os.path.join(out_dir, "adapter")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    if cfg.get("init_lora_weights") == "corda":  # peft's CorDA: only its converted export applies to the base
+        from trl_recipes.evaluate import load_for_eval
+
+        _, after, _ = load_for_eval(model_dir, adapter=adapter)
+        assert after().peft_config["default"].init_lora_weights is True
+        return
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    trained = (peft_ext.load_adapter(base, adapter) if "peft_ext_method" in cfg
+               else PeftModel.from_pretrained(base, adapter)).eval()(x).logits
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
+                                      os.path.join(out_dir, "adapter_plain_peft")).eval()(x).logits
+    assert ((plain - trained).abs().max() / trained.abs().max()) < 1e-4

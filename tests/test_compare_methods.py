@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from benchmarks.compare_methods import early_loss, paired, verdicts
+from benchmarks.common import paired
+from benchmarks.compare_methods import early_loss, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -88,7 +89,7 @@ def test_dude_verdict_needs_a_match_and_a_smaller_spread():
 def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     """Sweep with an edge extension, seeds, evaluations, resume from the cache, report, JSON and plots."""
     work, out = tmp_path / "work", tmp_path / "results" / "cmp"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "compare_methods.py"), "--model", tiny_model_dir,
+    cmd = [sys.executable, "-m", "benchmarks.compare_methods", "--model", tiny_model_dir,
            "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
            "--lrs_for", "peft-CorDA-KPM=1e-3",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
@@ -138,7 +139,7 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     fast = "--max_steps 2 --per_device_train_batch_size 2 --eval_examples 2 --eval_max_new_tokens 4"
     arms = f"LoRA=lora/config_cpu.yaml {fast};CorDA-KPM=corda/config_kpm_cpu.yaml {fast} --calibration_samples 8"
     work, out = tmp_path / "work", tmp_path / "results" / "forget"
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "recipe_forgetting.py"), "--model", tiny_model_dir,
+    cmd = [sys.executable, "-m", "benchmarks.recipe_forgetting", "--model", tiny_model_dir,
            "--arms", arms, "--seeds", "2", "--knowledge_examples", "4", "--work_dir", str(work), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)

@@ -1,4 +1,4 @@
-"""CorDA: calibration engine and decomposition; every guarantee of issue 3 is a test."""
+"""CorDA: the calibration engine and the decomposition, each guarantee a test, over the tiny models."""
 
 from __future__ import annotations
 
@@ -15,31 +15,8 @@ from peft.utils.other import transpose
 from peft_ext import CorDAConfig, calibrate, export_peft_adapter, load_adapter, load_config
 from peft_ext.layer import PeftExtLinear
 
-from .helpers import ARCHS, VOCAB, assert_same_state, logits, make_tiny, perturb_trainable, rel_err, sample_input, state_snapshot
-from .test_dude import peft_ext_layers, run_plain_peft
-
-
-def corda(**kwargs) -> CorDAConfig:
-    kwargs.setdefault("r", 4)
-    kwargs.setdefault("lora_alpha", 8)
-    kwargs.setdefault("target_modules", "all-linear")
-    return CorDAConfig(**kwargs)
-
-
-def token_batches(n: int = 12, length: int = 20, batch: int = 4, seed: int = 3, ragged: bool = True):
-    """Right-padded batches of random token ids with ragged lengths (padding id 0)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        size = int(torch.randint(length // 2, length + 1, (1,), generator=g)) if ragged else length
-        rows.append(torch.randint(1, VOCAB, (size,), generator=g).tolist())
-    return rows_to_batches(rows, batch)
-
-
-def rows_to_batches(rows, batch, pad=0):
-    from peft_ext.corda.calibration import batch_rows
-
-    return batch_rows(rows, batch, pad)
+from .helpers import (ARCHS, VOCAB, assert_same_state, corda, logits, make_tiny, peft_ext_layers, perturb_trainable,
+                      rel_err, rows_to_batches, run_plain_peft, sample_input, state_snapshot, token_batches)
 
 
 def calibrated(arch="llama", method="ipm", batches=None, dtype=torch.float32, **cfg):
@@ -68,7 +45,7 @@ def test_trainable_product_matches_float64_reference(method):
     """s·B·A equals the paper's math done in float64: SVD(W·C), the r selected components, times C⁻¹."""
     batches = token_batches(n=24, length=24)
     model, config = calibrated("llama", method, batches=batches, dtype=torch.float64)
-    calib = config.__dict__["_peft_ext_calibration"]
+    calib = config.peft_ext_runtime.calibration
     weights = {n: m.weight.detach().double().clone() for n, m in model.named_modules() if n in calib.targets}
     covs = {n: calib.group(n).covariance.double().clone() for n in calib.targets}
     peft_model = get_peft_model(model, config)
@@ -92,7 +69,7 @@ def test_kpm_and_ipm_pick_opposite_ends_of_the_spectrum():
     norms = {}
     for method in ("kpm", "ipm"):
         model, config = calibrated("llama", method)
-        calib = config.__dict__["_peft_ext_calibration"]
+        calib = config.peft_ext_runtime.calibration
         covs = {n: calib.group(n).covariance.clone() for n in calib.targets}
         layers = peft_ext_layers(get_peft_model(model, config))
         norms[method] = {
@@ -199,7 +176,7 @@ def test_covariance_is_mean_outer_product_over_real_tokens():
 @pytest.mark.parametrize("arch,per_layer", [("llama", 4), ("qwen2", 4), ("gpt2", 4)])
 def test_one_covariance_per_distinct_input(arch, per_layer):
     _, config = calibrated(arch)
-    calib = config.__dict__["_peft_ext_calibration"]
+    calib = config.peft_ext_runtime.calibration
     assert len(calib.groups) == per_layer * 2  # 2 layers
     if arch != "gpt2":
         q = calib.group("model.layers.0.self_attn.q_proj")
@@ -212,7 +189,7 @@ def test_one_covariance_per_distinct_input(arch, per_layer):
 
 def test_float64_accumulation_option():
     _, config = calibrated("llama", dtype=torch.float64)
-    assert all(g.covariance.dtype == torch.float64 for g in config.__dict__["_peft_ext_calibration"].groups)
+    assert all(g.covariance.dtype == torch.float64 for g in config.peft_ext_runtime.calibration.groups)
 
 
 def test_calibration_is_consumed_and_model_untouched_by_calibrate():
@@ -222,7 +199,7 @@ def test_calibration_is_consumed_and_model_untouched_by_calibrate():
     calibrate(model, config, token_batches(), verbose=False)
     assert_same_state(before, model)
     get_peft_model(model, config)
-    assert "_peft_ext_calibration" not in config.__dict__  # the covariances are freed after get_peft_model
+    assert config.peft_ext_runtime.calibration is None  # the covariances are freed after get_peft_model
     assert config.corda_calibration["tokens"] > 0
 
 
@@ -312,7 +289,7 @@ DIST_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from tests.helpers import make_tiny
-from tests.test_corda import corda, token_batches
+from tests.helpers import corda, token_batches
 from peft_ext import calibrate
 from peft_ext.corda.calibration import batch_rows
 rank, world = int(sys.argv[2]), int(sys.argv[3])
@@ -466,7 +443,7 @@ def test_nan_activations_are_refused_with_the_layer():
     config = corda()
     with pytest.raises(ValueError, match="layers.1.mlp.down_proj' received NaN/Inf activations in calibration batch 0"):
         calibrate(model, config, token_batches(), verbose=False)
-    assert "_peft_ext_calibration" not in config.__dict__
+    assert config.peft_ext_runtime.calibration is None
     assert_same_state(before, model)
 
 

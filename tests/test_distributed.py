@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .test_recipes import FAST, ROOT, SMOL, assert_adapter_and_export_agree, check_finished_run
+from .helpers import FAST, ROOT, SMOL, assert_adapter_and_export_agree, check_finished_run
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 CONFIGS = os.path.join(ROOT, "tests", "distributed")

@@ -1,11 +1,9 @@
-"""DuDe: each guarantee of issue 2 is a test, over the tiny Llama / Qwen2 / Mistral / GPT-2 (Conv1D) models."""
+"""DuDe: each guarantee a test, over the tiny Llama / Qwen2 / Mistral / GPT-2 (Conv1D) models."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,12 +12,9 @@ from peft.utils.other import transpose
 
 import peft_ext
 from peft_ext import DuDeConfig, export_peft_adapter, load_adapter, load_config
-from peft_ext.layer import PeftExtLinear
 
-from .helpers import ARCHS, assert_same_state, logits, make_tiny, perturb_trainable, rel_err, sample_input, state_snapshot
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .helpers import (ARCHS, assert_same_state, logits, make_tiny, peft_ext_layers, perturb_trainable, rel_err,
+                      run_plain_peft, sample_input, state_snapshot)
 
 
 def dude(**kwargs) -> DuDeConfig:
@@ -27,10 +22,6 @@ def dude(**kwargs) -> DuDeConfig:
     kwargs.setdefault("lora_alpha", 8)
     kwargs.setdefault("target_modules", "all-linear")
     return DuDeConfig(**kwargs)
-
-
-def peft_ext_layers(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, PeftExtLinear)}
 
 
 def trained_dude(arch, dtype=torch.float32, **kwargs):
@@ -261,16 +252,6 @@ def test_plain_peft_refuses_a_dude_directory(tmp_path):
 # --- export ---------------------------------------------------------------------------------------------------------
 
 
-def run_plain_peft(arch, adapter_dir, x, tmp_path, dtype="float32", merge=False):
-    torch.save(x, tmp_path / "x.pt")
-    out = tmp_path / "plain_logits.pt"
-    cmd = [sys.executable, os.path.join(ROOT, "tests", "plain_peft_load.py"), arch, "0", dtype, str(adapter_dir),
-           str(tmp_path / "x.pt"), str(out)] + (["merge"] if merge else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(out)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_export_loads_without_peft_ext(arch, tmp_path):
     x = sample_input()
@@ -453,11 +434,11 @@ def test_public_api():
 
 
 def test_magnitude_dtype_follows_16bit_adapters_only_under_zero3(monkeypatch):
-    import transformers.integrations
+    import peft_ext.variants
 
     model = get_peft_model(make_tiny("llama", dtype=torch.bfloat16), dude(), autocast_adapter_dtype=False)
     assert {l.lora_magnitude_vector["default"].weight.dtype for l in peft_ext_layers(model).values()} == {torch.float32}
-    monkeypatch.setattr(transformers.integrations, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(peft_ext.variants, "is_deepspeed_zero3_enabled", lambda: True)
     model = get_peft_model(make_tiny("llama", dtype=torch.bfloat16), dude(), autocast_adapter_dtype=False)
     dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad}
     assert dtypes == {torch.bfloat16}  # no mixed dtypes among ZeRO-3's persistent parameters

@@ -10,8 +10,8 @@ from peft import PeftModel, get_peft_model
 
 from peft_ext import CorDAConfig, DuDeConfig, calibrate, export_peft_adapter, load_adapter
 
-from .helpers import logits, make_tiny, perturb_trainable, rel_err, sample_input
-from .test_corda import token_batches
+from .helpers import (FAST, SMOL, check_finished_run, logits, make_tiny, perturb_trainable, rel_err, run_cli,
+                      sample_input, token_batches)
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional extra: pip install -e .[bnb]")
 
@@ -92,7 +92,7 @@ def test_decomposition_from_the_float_checkpoint(bits, method, fp32_dir, tmp_pat
 
     from safetensors.torch import load_file
 
-    from peft_ext.layer import dequantized_weight
+    from peft_ext.base_weight import dequantized_weight
 
     from .helpers import assert_same_state, state_snapshot
 
@@ -166,7 +166,6 @@ def test_sft_with_quantized_base(flag, tiny_model_dir, tmp_path):
     (which the init could not dequantize any more), and TRL's bf16 cast of QLoRA adapters is undone in an fp32 run."""
     from safetensors.torch import load_file
 
-    from .test_recipes import FAST, SMOL, check_finished_run, run_cli
 
     out = tmp_path / "run"
     proc = run_cli("--config", os.path.join(SMOL, "dude", "config_cpu.yaml"), "--model_name_or_path",

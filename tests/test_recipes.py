@@ -5,61 +5,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
-RECIPES = os.path.join(ROOT, "trl_recipes", "recipes")
-SMOL = os.path.join(RECIPES, "SmolLM2-135M-Instruct")
-
-
-def run_cli(*args, cwd=ROOT, timeout=900):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "trl_recipes.sft", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
-FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_examples", "2",
-        "--eval_max_new_tokens", "6", "--logging_steps", "1"]
-
-
-def check_finished_run(out_dir, method, steps=2):
-    for name in ("adapter", "adapter_plain_peft", "metrics.json", "loss_curve.png"):
-        assert os.path.exists(os.path.join(out_dir, name)), name
-    metrics = json.load(open(os.path.join(out_dir, "metrics.json")))
-    assert metrics["peft_method"] == method and metrics["global_steps"] == steps
-    assert len(metrics["loss_history"]) == steps and all(l > 0 for _, l in metrics["loss_history"])
-    assert len(metrics["held_out_examples"]) == 2
-    return metrics
-
-
-@torch.no_grad()
-def assert_adapter_and_export_agree(model_dir, out_dir):
-    """The saved adapter (peft_ext or peft loader) and its plain export give the same logits on the untouched base."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    import peft_ext
-
-    x = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
-    adapter = os.path.join(out_dir, "adapter")
-    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
-    if cfg.get("init_lora_weights") == "corda":  # peft's CorDA: only its converted export applies to the base
-        from trl_recipes.evaluate import load_for_eval
-
-        _, after, _ = load_for_eval(model_dir, adapter=adapter)
-        assert after().peft_config["default"].init_lora_weights is True
-        return
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    trained = (peft_ext.load_adapter(base, adapter) if "peft_ext_method" in cfg
-               else PeftModel.from_pretrained(base, adapter)).eval()(x).logits
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir),
-                                      os.path.join(out_dir, "adapter_plain_peft")).eval()(x).logits
-    assert ((plain - trained).abs().max() / trained.abs().max()) < 1e-4
+from .helpers import FAST, RECIPES, ROOT, SHARED, SMOL, assert_adapter_and_export_agree, check_finished_run, run_cli
 
 
 @pytest.mark.parametrize("method,recipe,extra", [
@@ -136,7 +86,7 @@ def one_error_line(capsys):
 
 
 def test_bad_input_exits_with_one_line_and_no_output(tmp_path, capsys):
-    from trl_recipes.sft import main
+    from trl_recipes.sft import cli as main
 
     out = tmp_path / "never"
     assert main(["--peft_method", "sparse", "--output_dir", str(out)]) == 2

@@ -47,3 +47,24 @@ def test_second_injection_refused_without_touching_the_first(method, form):
     # (peft itself, for every tuner, stores the new config under the adapter name before it injects and does not
     # put the old one back when the injection fails: pm.peft_config["default"] is `second` now; not ours to undo)
     assert rel_err(logits(pm, x), out_before) == 0.0
+
+
+def _registration_hooks() -> int:
+    from torch.nn.modules import module
+
+    return len(module._global_module_registration_hooks)
+
+
+def test_rollback_puts_the_same_modules_back_and_leaves_no_hook():
+    """r=48 fails at k_proj after q_proj was wrapped: every wrapper created is replaced by the very module it wrapped,
+    and the injection's module-registration hook is gone, after a failure as after a success."""
+    model = make_tiny("llama")
+    modules = dict(model.named_modules())
+    hooks = _registration_hooks()
+    with pytest.raises(ValueError, match="r=48"):
+        get_peft_model(model, DuDeConfig(r=48, lora_alpha=48, target_modules="all-linear"))
+    assert all(dict(model.named_modules())[name] is m for name, m in modules.items())
+    assert len(dict(model.named_modules())) == len(modules)
+    assert _registration_hooks() == hooks
+    get_peft_model(model, DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    assert _registration_hooks() == hooks

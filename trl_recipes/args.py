@@ -9,6 +9,7 @@ from typing import Optional
 from peft import LoraConfig
 
 from peft_ext import CorDAConfig, DuDeConfig
+from peft_ext._compat import PeftCordaConfig
 
 PEFT_METHODS = ("lora", "pissa", "dora", "dude", "corda")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -114,10 +115,8 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
         return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed,
                           float_weights_path=float_weights_path)
     if method_args.corda_implementation == "peft":
-        from peft.tuners.lora.config import CordaConfig
-
         return LoraConfig(**common, init_lora_weights="corda",
-                          corda_config=CordaConfig(corda_method=method_args.corda_method,
+                          corda_config=PeftCordaConfig(corda_method=method_args.corda_method,
                                                    covariance_file=method_args.calibration_cache))
     return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
                        corda_balance_factors=method_args.corda_balance_factors,

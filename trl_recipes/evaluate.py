@@ -68,6 +68,11 @@ def _chat_text(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, its end-of-sequence id when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy answers to chat prompts (batched, left padding)."""
@@ -76,7 +81,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     outs = []
     try:
         for i in range(0, len(prompts), batch_size):
@@ -105,7 +110,7 @@ def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], 
     if model.training:  # see `generate`
         model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     keep_logits = _accepts_logits_to_keep(model)
     encoded = []
     for p, a in zip(prompts, answers):

@@ -9,15 +9,14 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
+from peft_ext._compat import preprocess_corda
+from peft_ext.corda.calibration import prepare_calibration_data
+
 
 def calibrate_with_peft(model, lora_config, data, *, tokenizer, num_samples: int, max_length: int, seed: int,
                         text_field=None, verbose: bool = True) -> int:
     """Run peft's `preprocess_corda` on `model` for `lora_config` (a LoraConfig with init_lora_weights='corda') over
     the samples peft_ext's `calibrate` would pick from `data` with the same arguments; returns the sample count."""
-    from peft.tuners.lora.corda import preprocess_corda
-
-    from peft_ext.corda.calibration import prepare_calibration_data
-
     kind, rows = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length, seed=seed,
                                           text_field=text_field)
     if kind != "rows":

@@ -24,7 +24,8 @@ import resource
 import shutil
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from .args import DEFAULT_RECIPE, DEFAULT_TEST_FILE, DEFAULT_TRAIN_FILE, PeftMethodArguments, get_peft_config
 from .dataset import DataError, load_split, pair_to_messages, prompt_and_reference, qa_to_messages, to_sft_format
@@ -34,14 +35,24 @@ class RecipeError(ValueError):
     """Bad command-line or recipe input: printed as one line, exit status 2."""
 
 
-def make_parser():
+def make_parser(subparsers=None):
+    """TRL's parser of the SFT script's four argument dataclasses; a sub-command `sft` of `subparsers` when given
+    (as TRL's own scripts do for the `trl` CLI)."""
     from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments), prog="trl_recipes.sft")
+    dataclass_types = (ScriptArguments, SFTConfig, ModelConfig, PeftMethodArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("sft", help="SFT with LoRA, PiSSA, DoRA, DuDe or CorDA",
+                                     dataclass_types=dataclass_types)
+    return TrlParser(dataclass_types, prog="trl_recipes.sft")
 
 
 def parse_args(argv=None):
+    """(script_args, training_args, model_args, method_args) from the command line and the recipe (`--config`,
+    default: the DuDe CPU recipe); a RecipeError with one line for bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if init_distributed_on_cpu():
+        argv += ["--accelerator_config", json.dumps({"use_configured_state": True})]
     if "--config" not in argv:
         argv = ["--config", DEFAULT_RECIPE, *argv]
     config_path = argv[argv.index("--config") + 1]
@@ -110,11 +121,11 @@ def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> No
     (~100x slower on CPU) and rounds DuDe/CorDA's principal factors, so the model at step 0 no longer equals the base:
     the factors are put back in fp32 from the exact initial ones peft_ext keeps (`lora_init_A/B`), other adapters are
     cast back. In a 16-bit run under ZeRO-3, which refuses trainable parameters of mixed dtypes, the DoRA magnitude
-    follows the factors' dtype (as it does without quantization, see `peft_ext.layer.magnitude_dtype`).
+    follows the factors' dtype (as it does without quantization, see `peft_ext.variants.magnitude_dtype`).
     """
     import torch
 
-    from peft_ext.layer import magnitude_dtype
+    from peft_ext.variants import magnitude_dtype
 
     if sixteen_bit:
         dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude" not in n}
@@ -259,35 +270,47 @@ def init_factor_norms(model) -> dict:
     return {k: {"A": a / n, "B": b / n, "layers": n} for k, (a, b, n) in sums.items()}
 
 
-def run(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if init_distributed_on_cpu():
-        argv += ["--accelerator_config", json.dumps({"use_configured_state": True})]
-    script_args, training_args, model_args, method_args = parse_args(argv)
-    from transformers.integrations import is_deepspeed_zero3_enabled
+@dataclass
+class RunResult:
+    """What a finished training hands to `finish_run`: the trained model and the facts metrics.json records."""
 
-    check_quantization(model_args, zero3=is_deepspeed_zero3_enabled())
-    float_weights_path(method_args, model_args, "", check_only=True)  # a bad --float_weights fails before the load
-    train, held_out = load_datasets(script_args, training_args, method_args)
+    method_args: Any
+    dataset: str
+    model_path: str
+    out_dir: str
+    peft_model: Any
+    trainer: Any
+    train_examples: int
+    held_out: list
+    before: list
+    after: list
+    train_seconds: float
+    init_norms: dict
 
+    @property
+    def adapter_dir(self) -> str:
+        return os.path.join(self.out_dir, "adapter")
+
+    @property
+    def plain_dir(self) -> str:
+        return os.path.join(self.out_dir, "adapter_plain_peft")
+
+    @property
+    def pissa_init_dir(self) -> str:  # peft uses the folder name as an adapter name
+        return os.path.join(self.out_dir, "pissa_init")
+
+
+def load_model(model_args, training_args, state, log):
+    """(model path, tokenizer, model, quantization config): the base model, on this process's device."""
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer, get_quantization_config
+    from trl import get_quantization_config
 
-    from peft_ext.distributed import gathered_forward
-    from peft_ext.quantization import no_cpu_repacking
-
-    from .evaluate import generate
     from .models import resolve_model_path
 
-    state = PartialState()  # initialises torch.distributed under accelerate/deepspeed launchers
-    main_process = state.is_main_process
-    log = print if main_process else (lambda *a, **k: None)
     if not torch.cuda.is_available() and (training_args.bf16 or training_args.fp16):
         log("[trl_recipes] no GPU: training in float32 (a bf16 matmul is ~100× slower than fp32 on this kind of CPU)")
         training_args.bf16 = training_args.fp16 = False
-
     model_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
     if tokenizer.pad_token is None:
@@ -301,118 +324,158 @@ def run(argv=None) -> dict:
     )
     if quantization is None and torch.cuda.is_available():
         model.to(state.device)  # the held-out answers and the CorDA calibration run before the trainer places it
+    return model_path, tokenizer, model, quantization
 
-    out_dir = training_args.output_dir
-    log(f"[trl_recipes] {method_args.peft_method} on {model_path}: {len(train)} training examples -> {out_dir}")
+
+def build_trainer(model, tokenizer, train, peft_config, training_args, method_args, quantized: bool, main_process):
+    """TRL's SFTTrainer with the adapter created; (trainer, factor norms at init). For peft's PiSSA/CorDA the initial
+    adapter is saved for the conversion to a plain adapter at the end."""
+    from trl import SFTTrainer
+
+    from peft_ext._compat import is_deepspeed_zero3_enabled
+
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+                         peft_config=peft_config)
+    if quantized:
+        settle_quantized_adapter_dtypes(trainer.model, sixteen_bit=training_args.bf16 or training_args.fp16,
+                                        zero3=is_deepspeed_zero3_enabled())
+    if converts_at_save(method_args) and main_process:
+        # peft's route to a plain adapter for PiSSA (and its CorDA): keep the initial factors, convert at save time
+        config = trainer.model.peft_config["default"]
+        init, config.init_lora_weights = config.init_lora_weights, True
+        trainer.model.save_pretrained(os.path.join(training_args.output_dir, "pissa_init"))
+        config.init_lora_weights = init
+    return trainer, init_factor_norms(trainer.model)
+
+
+def main(script_args, training_args, model_args, method_args) -> dict:
+    """The run (TRL's script shape: parsed arguments in, the main process's metrics.json content out)."""
+    import torch
+    from accelerate import PartialState
+
+    from peft_ext._compat import is_deepspeed_zero3_enabled
+    from peft_ext.base_weight import no_cpu_repacking
+    from peft_ext.distributed import gathered_forward
+
+    from .evaluate import generate
+
+    check_quantization(model_args, zero3=is_deepspeed_zero3_enabled())
+    float_weights_path(method_args, model_args, "", check_only=True)  # a bad --float_weights fails before the load
+    train, held_out = load_datasets(script_args, training_args, method_args)
+    state = PartialState()  # initialises torch.distributed under accelerate/deepspeed launchers
+    log = print if state.is_main_process else (lambda *a, **k: None)
+    model_path, tokenizer, model, quantization = load_model(model_args, training_args, state, log)
+    log(f"[trl_recipes] {method_args.peft_method} on {model_path}: {len(train)} training examples -> "
+        f"{training_args.output_dir}")
+    prompts = [p for p, _ in held_out]
     # under ZeRO-3 the model is partitioned and has no engine yet; a 4-bit model must not repack before the init
     with gathered_forward(model), no_cpu_repacking(model):
-        before = generate(model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
-
+        before = generate(model, tokenizer, prompts, method_args.eval_max_new_tokens) if held_out else []
     float_weights = float_weights_path(method_args, model_args, model_path)
     if float_weights:
         log(f"[trl_recipes] quantized base: decomposing the float weights of {float_weights}, residual quantized once")
     peft_config = get_peft_config(model_args, method_args, float_weights_path=float_weights)
     if method_args.peft_method == "corda":
-        calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose=main_process)
-
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                         peft_config=peft_config)
-    if quantization is not None:
-        settle_quantized_adapter_dtypes(trainer.model, sixteen_bit=training_args.bf16 or training_args.fp16,
-                                        zero3=is_deepspeed_zero3_enabled())
-    init_norms = init_factor_norms(trainer.model)
-    pissa_init_dir = os.path.join(out_dir, "pissa_init")  # peft uses the folder name as an adapter name
-    if converts_at_save(method_args) and main_process:
-        # peft's route to a plain adapter for PiSSA (and its CorDA): keep the initial factors, convert at save time
-        init = trainer.model.peft_config["default"].init_lora_weights
-        trainer.model.peft_config["default"].init_lora_weights = True
-        trainer.model.save_pretrained(pissa_init_dir)
-        trainer.model.peft_config["default"].init_lora_weights = init
-
+        calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose=state.is_main_process)
+    trainer, init_norms = build_trainer(model, tokenizer, train, peft_config, training_args, method_args,
+                                        quantization is not None, state.is_main_process)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    train_seconds = time.time() - t0
-
-    adapter_dir = os.path.join(out_dir, "adapter")
-    plain_dir = os.path.join(out_dir, "adapter_plain_peft")
-    trainer.save_model(adapter_dir)
-    peft_model = trainer.model
-    peft_model.eval()
-    with no_cpu_repacking(peft_model):  # a repacked 4-bit weight could not be dequantized for the export
-        after = generate(peft_model, tokenizer, [p for p, _ in held_out], method_args.eval_max_new_tokens) if held_out else []
-    metrics = {}
-    if main_process:
-        metrics = finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir,
-                             peft_model, trainer, train, held_out, before, after, train_seconds, init_norms)
+    result = RunResult(method_args, script_args.dataset_name or DEFAULT_TRAIN_FILE, model_path,
+                       training_args.output_dir, trainer.model, trainer, len(train), held_out, before, [],
+                       time.time() - t0, init_norms)
+    trainer.save_model(result.adapter_dir)
+    result.peft_model.eval()
+    with no_cpu_repacking(result.peft_model):  # a repacked 4-bit weight could not be dequantized for the export
+        result.after = generate(result.peft_model, tokenizer, prompts, method_args.eval_max_new_tokens) if held_out else []
+    metrics = finish_run(result) if state.is_main_process else {}
     state.wait_for_everyone()  # the other ranks leave together with the main one (gloo aborts on a ragged exit)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return metrics
 
 
-def finish_run(method_args, script_args, model_path, out_dir, adapter_dir, plain_dir, pissa_init_dir, peft_model,
-               trainer, train, held_out, before, after, train_seconds, init_norms=None) -> dict:
-    """Main process: export, loss curve, metrics.json (last) and the printed summary."""
+def run(argv=None) -> dict:
+    """Parse `argv` (default: the command line) and run; the metrics of the run."""
+    return main(*parse_args(argv))
+
+
+def export_plain(r: RunResult) -> None:
+    """The plain peft adapter beside the saved one (`adapter_plain_peft/`), loadable without peft_ext."""
     from peft_ext import export_peft_adapter
 
-    from .evaluate import final_number
-    if method_args.export_plain_peft:
-        if converts_at_save(method_args):
-            peft_model.save_pretrained(plain_dir, path_initial_model_for_weight_conversion=pissa_init_dir)
-        elif method_args.peft_method in ("dude", "corda"):
-            export_peft_adapter(adapter_dir, plain_dir)  # from the saved files: complete even under ZeRO-3
+    if r.method_args.export_plain_peft:
+        if converts_at_save(r.method_args):
+            r.peft_model.save_pretrained(r.plain_dir, path_initial_model_for_weight_conversion=r.pissa_init_dir)
+        elif r.method_args.peft_method in ("dude", "corda"):
+            export_peft_adapter(r.adapter_dir, r.plain_dir)  # from the saved files: complete even under ZeRO-3
         else:  # lora / dora adapters are plain peft already
-            peft_model.save_pretrained(plain_dir)
-    shutil.rmtree(pissa_init_dir, ignore_errors=True)
+            r.peft_model.save_pretrained(r.plain_dir)
+    shutil.rmtree(r.pissa_init_dir, ignore_errors=True)
 
-    history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    plot_loss(history, os.path.join(out_dir, "loss_curve.png"),
-              f"{method_args.peft_method} on {os.path.basename(model_path.rstrip('/'))}")
-    examples = [
+
+def held_out_examples(r: RunResult) -> list[dict]:
+    from .evaluate import final_number
+
+    return [
         {"prompt": p[-1]["content"], "reference": ref, "before": b, "after": a,
          "correct_before": final_number(b) is not None and final_number(b) == final_number(ref),
          "correct_after": final_number(a) is not None and final_number(a) == final_number(ref)}
-        for (p, ref), b, a in zip(held_out, before, after)
+        for (p, ref), b, a in zip(r.held_out, r.before, r.after)
     ]
+
+
+def finish_run(r: RunResult) -> dict:
+    """Main process: export, loss curve, metrics.json (last) and the printed summary."""
+    export_plain(r)
+    history = [(h["step"], h["loss"]) for h in r.trainer.state.log_history if "loss" in h]
+    plot_loss(history, os.path.join(r.out_dir, "loss_curve.png"),
+              f"{r.method_args.peft_method} on {os.path.basename(r.model_path.rstrip('/'))}")
+    examples = held_out_examples(r)
+    steps = r.trainer.state.global_step
     metrics = {
-        "peft_method": method_args.peft_method,
-        "model": model_path,
-        "dataset": script_args.dataset_name or DEFAULT_TRAIN_FILE,
-        "train_examples": len(train),
-        "global_steps": trainer.state.global_step,
-        "train_seconds": train_seconds,
-        "seconds_per_step": train_seconds / max(trainer.state.global_step, 1),
+        "peft_method": r.method_args.peft_method,
+        "model": r.model_path,
+        "dataset": r.dataset,
+        "train_examples": r.train_examples,
+        "global_steps": steps,
+        "train_seconds": r.train_seconds,
+        "seconds_per_step": r.train_seconds / max(steps, 1),
         "final_loss": history[-1][1] if history else None,
         "loss_history": history,
         "held_out_exact_match_before": (sum(e["correct_before"] for e in examples) / len(examples)) if examples else None,
         "held_out_exact_match_after": (sum(e["correct_after"] for e in examples) / len(examples)) if examples else None,
         "held_out_examples": examples,
-        "init_factor_norms": init_norms,
-        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "init_factor_norms": r.init_norms,
+        "trainable_parameters": sum(p.numel() for p in r.peft_model.parameters() if p.requires_grad),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "adapter_dir": adapter_dir,
-        "plain_peft_dir": plain_dir if method_args.export_plain_peft else None,
-        "peft_config": json.loads(json.dumps(peft_model.peft_config["default"].to_dict(), default=str)),
+        "adapter_dir": r.adapter_dir,
+        "plain_peft_dir": r.plain_dir if r.method_args.export_plain_peft else None,
+        "peft_config": json.loads(json.dumps(r.peft_model.peft_config["default"].to_dict(), default=str)),
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:  # last: marks the run as finished
+    with open(os.path.join(r.out_dir, "metrics.json"), "w") as f:  # last: marks the run as finished
         json.dump(metrics, f, indent=1)
+    print_summary(r, metrics, examples)
+    return metrics
 
-    print(f"\n[trl_recipes] done in {train_seconds:.0f} s ({trainer.state.global_step} steps)")
-    print(f"  adapter:            {adapter_dir}")
-    if method_args.export_plain_peft:
-        print(f"  plain peft adapter: {plain_dir}   (PeftModel.from_pretrained, no peft_ext needed)")
-    print(f"  metrics:            {os.path.join(out_dir, 'metrics.json')}")
-    print(f"  loss curve:         {os.path.join(out_dir, 'loss_curve.png')}")
+
+def print_summary(r: RunResult, metrics: dict, examples: list[dict]) -> None:
+    print(f"\n[trl_recipes] done in {r.train_seconds:.0f} s ({metrics['global_steps']} steps)")
+    print(f"  adapter:            {r.adapter_dir}")
+    if r.method_args.export_plain_peft:
+        print(f"  plain peft adapter: {r.plain_dir}   (PeftModel.from_pretrained, no peft_ext needed)")
+    print(f"  metrics:            {os.path.join(r.out_dir, 'metrics.json')}")
+    print(f"  loss curve:         {os.path.join(r.out_dir, 'loss_curve.png')}")
     for e in examples[:3]:
         print(f"\n  Q: {e['prompt']}\n  reference: {e['reference']!r}\n  before:    {e['before']!r}\n"
               f"  after:     {e['after']!r}")
     if examples:
         print(f"\n  held-out exact match (final number): {metrics['held_out_exact_match_before']:.2f} -> "
               f"{metrics['held_out_exact_match_after']:.2f} on {len(examples)} examples")
-    return metrics
 
 
-def main(argv=None) -> int:
+def cli(argv=None) -> int:
+    """The console entry (`peft-ext-sft`, `python -m trl_recipes.sft`): exit status 2 with one line for bad input."""
     try:
         run(argv)
     except (RecipeError, DataError) as exc:
@@ -422,4 +485,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

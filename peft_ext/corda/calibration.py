@@ -16,6 +16,7 @@ Differences from peft's `preprocess_corda`, each deliberate:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,9 +30,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.pytorch_utils import Conv1D
-
+from .._compat import BaseTunerLayer, Conv1D, check_target_module_exists, gather_params_ctx, maybe_include_all_linear_layers
+from ..base_weight import no_cpu_repacking
 from ..distributed import all_reduce_max, all_reduce_sum, barrier, dist_info, gathered_forward, is_zero3_partitioned
+from .config import CorDAConfig
 from .decomposition import damped_cholesky
 
 
@@ -228,17 +230,10 @@ def batch_rows(rows: list[list[int]], batch_size: int, pad_id: int) -> list[dict
 
 def target_module_names(model: nn.Module, config) -> list[str]:
     """The modules get_peft_model will adapt with this config (nn.Linear / Conv1D only), in model order."""
-    import copy
-
-    from peft.tuners.lora import LoraModel
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
-
-    probe = copy.copy(config)
-    probe.__dict__ = {k: v for k, v in config.__dict__.items() if not k.startswith("_peft_ext")}
-    probe = _maybe_include_all_linear_layers(probe, model)
+    probe = maybe_include_all_linear_layers(copy.copy(config), model)  # it may rewrite target_modules: a copy
     return [
         name for name, module in model.named_modules()
-        if name and isinstance(module, (nn.Linear, Conv1D)) and LoraModel._check_target_module_exists(probe, name)
+        if name and isinstance(module, (nn.Linear, Conv1D)) and check_target_module_exists(probe, name)
     ]
 
 
@@ -253,8 +248,6 @@ def _sha256_tensors(tensors: Iterable[torch.Tensor]) -> str:
 
 
 def model_fingerprint(model: nn.Module, names: list[str]) -> str:
-    from peft.utils.integrations import gather_params_ctx
-
     modules = dict(model.named_modules())
     h = hashlib.sha256()
     for name in names:
@@ -443,20 +436,9 @@ def _diagnose(group: CovarianceGroup) -> None:
 
 @torch.no_grad()
 def calibrate(
-    model: nn.Module,
-    config,
-    data,
-    *,
-    tokenizer=None,
-    num_samples: int = 256,
-    max_length: int = 256,
-    batch_size: int = 8,
-    seed: int = 0,
-    text_field=None,
-    covariance_dtype: torch.dtype = torch.float32,
-    cache_file: Optional[str] = None,
-    shard: Optional[bool] = None,
-    verbose: bool = True,
+    model: nn.Module, config, data, *, tokenizer=None, num_samples: int = 256, max_length: int = 256,
+    batch_size: int = 8, seed: int = 0, text_field=None, covariance_dtype: torch.dtype = torch.float32,
+    cache_file: Optional[str] = None, shard: Optional[bool] = None, verbose: bool = True,
 ) -> Calibration:
     """Collect each target layer's input covariance for CorDA; call it on the base model, then get_peft_model.
 
@@ -467,37 +449,16 @@ def calibrate(
             `tokenizer`, a list of texts, a list of chat conversations, a list of records, a `datasets.Dataset`, or
             the path of a local JSONL file. Records use `text_field` (a field name or a list of names to join) or the
             first of "messages", "text", "prompt", "question", "instruction", "input".
-        num_samples: samples used (a seeded random subset when there are more; the first ones for batches).
-        max_length: tokens per sample (truncation).
-        batch_size: samples per forward pass (right padding; padded positions are masked out).
+        num_samples, max_length: samples used (a seeded random subset of more; the first ones of batches), and
+            tokens per sample (truncation). batch_size: samples per forward (padded positions are masked out).
         covariance_dtype: torch.float32 (default) or torch.float64 accumulation; float64 also makes the
             decomposition run in float64.
-        cache_file: a .safetensors path: read if it exists (refused with a clear error when it was built for another
-            model, target set or data), written otherwise.
-        shard: with torch.distributed initialised, each rank takes every world_size-th sample (default for texts and
-            records; pre-made batches are taken as already sharded) and the sums are all-reduced.
+        cache_file: a .safetensors path: read if it exists (refused when built for another model, target set or
+            data), written otherwise.
+        shard: under torch.distributed each rank takes every world_size-th sample (default for texts and records;
+            made batches count as sharded already); the sums are all-reduced.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from ..quantization import no_cpu_repacking
-    from .config import CorDAConfig
-
-    if not isinstance(config, CorDAConfig):
-        raise TypeError(f"peft_ext.calibrate: config is a {type(config).__name__}; pass the CorDAConfig that "
-                        f"get_peft_model will receive.")
-    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-        raise ValueError("peft_ext.calibrate: the model already has peft adapter layers. Fix: calibrate the base "
-                         "model, before get_peft_model.")
-    if covariance_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"peft_ext.calibrate: covariance_dtype={covariance_dtype}. Fix: torch.float32 or torch.float64.")
-    if num_samples < 1 or max_length < 1 or batch_size < 1:
-        raise ValueError(f"peft_ext.calibrate: num_samples={num_samples}, max_length={max_length}, "
-                         f"batch_size={batch_size} must all be >= 1.")
-    names = target_module_names(model, config)
-    if not names:
-        raise ValueError(f"peft_ext.calibrate: target_modules={config.target_modules!r} matches no nn.Linear/Conv1D "
-                         f"layer of this model. Fix: check target_modules (e.g. 'all-linear').")
-
+    names = _check_arguments(model, config, covariance_dtype, num_samples, max_length, batch_size)
     kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
                                            seed=seed, text_field=text_field)
     fingerprint = {
@@ -515,6 +476,41 @@ def calibrate(
             _diagnose(g)
         return _attach(config, calib, verbose and rank == 0)
 
+    batches = _rank_batches(kind, items, tokenizer, batch_size, shard)
+    collector = _Collector(names, covariance_dtype)
+    _run_forwards(model, names, batches, collector, verbose=verbose and rank == 0)
+    calib = Calibration(_reduced_groups(collector.groups, world), fingerprint, source="computed")
+    if cache_file is not None:
+        if rank == 0:
+            _save_cache(cache_file, calib)
+        barrier()
+    return _attach(config, calib, verbose and rank == 0)
+
+
+def _check_arguments(model, config, covariance_dtype, num_samples: int, max_length: int, batch_size: int) -> list[str]:
+    """The target layer names, after refusing bad arguments with the fix."""
+    if not isinstance(config, CorDAConfig):
+        raise TypeError(f"peft_ext.calibrate: config is a {type(config).__name__}; pass the CorDAConfig that "
+                        f"get_peft_model will receive.")
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError("peft_ext.calibrate: the model already has peft adapter layers. Fix: calibrate the base "
+                         "model, before get_peft_model.")
+    if covariance_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"peft_ext.calibrate: covariance_dtype={covariance_dtype}. Fix: torch.float32 or torch.float64.")
+    if num_samples < 1 or max_length < 1 or batch_size < 1:
+        raise ValueError(f"peft_ext.calibrate: num_samples={num_samples}, max_length={max_length}, "
+                         f"batch_size={batch_size} must all be >= 1.")
+    names = target_module_names(model, config)
+    if not names:
+        raise ValueError(f"peft_ext.calibrate: target_modules={config.target_modules!r} matches no nn.Linear/Conv1D "
+                         f"layer of this model. Fix: check target_modules (e.g. 'all-linear').")
+    return names
+
+
+def _rank_batches(kind: str, items: list, tokenizer, batch_size: int, shard: Optional[bool]) -> list[dict]:
+    """This rank's padded batches: token rows sharded (unless `shard` is False), sorted by length and batched; made
+    batches taken as they are (sharded only when `shard` is True)."""
+    rank, world = dist_info()
     if kind == "rows":
         if shard is None or shard:
             items = items[rank::world]
@@ -528,10 +524,13 @@ def calibrate(
         if int(b["attention_mask"].sum()) == 0:
             raise ValueError(f"peft_ext.calibrate: calibration batch {i} is all padding (attention_mask is 0 "
                              f"everywhere). Fix: drop empty samples from the calibration data.")
+    return batches
+
+
+def _run_forwards(model: nn.Module, names: list[str], batches: list[dict], collector, verbose: bool) -> None:
+    """Every batch through the model with the collector's hooks on the targets; the model is left as it was."""
     # ZeRO-3 runs collectives inside every forward: all ranks must run the same number of them
     n_forward = all_reduce_max(len(batches))
-
-    collector = _Collector(names, covariance_dtype)
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_pre_hook(collector.hook(n), with_kwargs=True) for n in names]
     device = next(model.parameters()).device
@@ -539,17 +538,13 @@ def calibrate(
     model.eval()
     # ZeRO-3 without its engine: `gathered_forward` gathers each module's weights while it runs; a forward stopped
     # midway would leave gathered weights behind, so no early exit there
-    collector.early_exit = early_exit = not is_zero3_partitioned(model)
+    collector.early_exit = not is_zero3_partitioned(model)
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    idle = {"input_ids": torch.zeros((1, 1), dtype=torch.long), "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
     with gathered_forward(model), no_cpu_repacking(model):
         try:
-            bar = tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose or rank != 0)
-            for i in bar:
-                if i < len(batches):
-                    batch = batches[i]
-                else:  # an idle rank: one padding-only forward that contributes nothing
-                    batch = {"input_ids": torch.zeros((1, 1), dtype=torch.long),
-                             "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
+            for i in tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose):
+                batch = batches[i] if i < len(batches) else idle  # an idle rank: a forward that contributes nothing
                 collector.batch_index = i
                 collector.mask = batch["attention_mask"].to(device).bool()
                 collector.no_padding = bool(collector.mask.all())
@@ -559,21 +554,28 @@ def calibrate(
                 except _StopForward:
                     pass
                 if collector.first:
-                    collector.first = False
-                    missing = sorted(set(names) - set(collector.order))
-                    if missing:
-                        raise ValueError(f"peft_ext.calibrate: target layer '{missing[0]}' (and {len(missing) - 1} more) "
-                                         f"never ran in the forward pass, so it has no input covariance. Fix: leave it out "
-                                         f"of target_modules.")
-                    if early_exit:
-                        collector.stop_after = collector.order[-1]
+                    _after_first_forward(collector, names)
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
 
-    groups = collector.groups  # every group's sum exists: the first batch creates it, even from zero real tokens
-    if world > 1:
+
+def _after_first_forward(collector, names: list[str]) -> None:
+    """Every target must have run; later forwards can stop after the last target."""
+    collector.first = False
+    missing = sorted(set(names) - set(collector.order))
+    if missing:
+        raise ValueError(f"peft_ext.calibrate: target layer '{missing[0]}' (and {len(missing) - 1} more) "
+                         f"never ran in the forward pass, so it has no input covariance. Fix: leave it out "
+                         f"of target_modules.")
+    if collector.early_exit:
+        collector.stop_after = collector.order[-1]
+
+
+def _reduced_groups(groups: list, world: int) -> list:
+    """Sums all-reduced over the ranks, divided by the token counts: the covariances."""
+    if world > 1:  # every group's sum exists: the first batch creates it, even from zero real tokens
         for g in groups:
             all_reduce_sum(g._sum)
             g.tokens = int(all_reduce_sum(torch.tensor([float(g.tokens)], dtype=torch.float64)).item())
@@ -584,16 +586,11 @@ def calibrate(
         g.covariance = symmetrize(g._sum).div_(g.tokens)
         g._sum = g._current = None
         _diagnose(g)
-    calib = Calibration(groups, fingerprint, source="computed")
-    if cache_file is not None:
-        if rank == 0:
-            _save_cache(cache_file, calib)
-        barrier()
-    return _attach(config, calib, verbose and rank == 0)
+    return groups
 
 
 def _attach(config, calib: Calibration, verbose: bool) -> Calibration:
-    config.__dict__["_peft_ext_calibration"] = calib
+    config.peft_ext_runtime.calibration = calib
     config.corda_calibration = calib.to_config_record()
     tokens = calib.tokens
     for g in calib.groups:

@@ -76,7 +76,7 @@ class CorDAConfig(PeftExtConfig):
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        calib = self.__dict__.get("_peft_ext_calibration")
+        calib = self.peft_ext_runtime.calibration
         if calib is None:
             raise ValueError(
                 f"peft_ext corda: no calibration for layer '{name}'. Fix: call peft_ext.calibrate(model, config, "
@@ -102,4 +102,4 @@ class CorDAConfig(PeftExtConfig):
 
     def _injection_finished(self) -> None:
         super()._injection_finished()
-        self.__dict__.pop("_peft_ext_calibration", None)  # consumed: free the covariances
+        self.peft_ext_runtime.calibration = None  # consumed: free the covariances

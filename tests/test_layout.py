@@ -1,0 +1,115 @@
+"""The shape of the house: one seam to third-party internals, no import circles, functions a reader can hold."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGES = ("peft_ext", "trl_recipes")
+# internal modules of the libraries peft_ext builds on; only peft_ext/_compat.py may import from them
+INTERNAL = ("peft.tuners", "peft.utils.integrations", "peft.utils.other", "peft.utils.constants",
+            "transformers.pytorch_utils", "transformers.integrations", "transformers.modeling_utils", "bitsandbytes")
+SEAM = os.path.join("peft_ext", "_compat.py")
+
+
+def _modules(package: str) -> dict[str, str]:
+    """dotted module name -> path, for every .py file of a package."""
+    out = {}
+    for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                rel = os.path.relpath(path, ROOT)[: -len(".py")].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = path
+    return out
+
+
+def _imports(path: str, module: str) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) of every import statement, at any depth, relative ones resolved."""
+    tree = ast.parse(open(path).read())
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parts = parts[: len(parts) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            found.append((base, [a.name for a in node.names], node.lineno))
+    return found
+
+
+def _all_modules() -> dict[str, str]:
+    mods = {}
+    for p in PACKAGES:
+        mods.update(_modules(p))
+    return mods
+
+
+def test_private_internals_are_imported_in_the_compat_seam_only():
+    offenders = []
+    for module, path in _all_modules().items():
+        if os.path.relpath(path, ROOT) == SEAM:
+            continue
+        for target, names, line in _imports(path, module):
+            private = [n for n in names if n.startswith("_")] if target.split(".")[0] in ("peft", "transformers") else []
+            if target.startswith(INTERNAL) or private:
+                offenders.append(f"{os.path.relpath(path, ROOT)}:{line} imports {target} {private or ''}".strip())
+    assert not offenders, "private third-party internals outside peft_ext/_compat.py:\n" + "\n".join(offenders)
+
+
+def test_the_compat_seam_checks_the_supported_peft_range():
+    import peft
+
+    from peft_ext import _compat
+
+    low, high = _compat.SUPPORTED_PEFT
+    assert low <= _compat.Version(peft.__version__) < high
+
+
+def test_no_import_circles():
+    """The graph of imports between this project's modules, function-level imports included, has no cycle; so no
+    lazy import is there to break one."""
+    mods = _all_modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        for target, names, _ in _imports(path, module):
+            for cand in [f"{target}.{n}" for n in names] + [target]:
+                if cand in mods and cand != module:
+                    graph[module].add(cand)
+                    break
+    # a package's __init__ importing its own submodules is how packages are built, not a circle
+    for module in graph:
+        graph[module] = {t for t in graph[module] if not module.startswith(t + ".")}
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_functions_fit_in_a_reader_s_head():
+    long = []
+    for module, path in {**_modules("peft_ext"), **_modules("trl_recipes")}.items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 60 lines:\n" + "\n".join(long)
