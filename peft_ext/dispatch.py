@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ._compat import Conv1D
-from .layer import PeftExtLinear
+from .layer import PeftExtLinear, base_of
 from .quantization import bnb_layer_class
 
 
 def create_peft_ext_layer(target: nn.Module, adapter_name: str, config, **kwargs) -> nn.Module:
     """The peft_ext layer for `target`, or a clear error (after rolling back the layers this injection created
     already) for a type that cannot be decomposed."""
-    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    base = base_of(target)
     cls = bnb_layer_class(base) if type(base).__module__.startswith("bitsandbytes") else (
         PeftExtLinear if isinstance(base, (nn.Linear, Conv1D)) else None)
     if cls is not None:

@@ -205,6 +205,11 @@ class PeftExtLinear(ResidualInitMixin, LoraLinear):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         # peft's default dispatcher sets fan_in_fan_out for Conv1D (weights stored (in, out)); the custom-module
         # dispatcher that brings us here does not, so do the same here
-        is_conv1d = isinstance(base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer, Conv1D)
+        is_conv1d = isinstance(base_of(base_layer), Conv1D)
         config.fan_in_fan_out = is_conv1d
         super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
+
+
+def base_of(module: nn.Module) -> nn.Module:
+    """The innermost base layer of a (possibly already wrapped) target."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
