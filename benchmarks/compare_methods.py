@@ -63,6 +63,8 @@ DEFAULT_LRS_FOR = "LoRA=1.6e-3,6.4e-3,2.6e-2;DoRA=1.6e-3,6.4e-3,2.6e-2"
 # arms of our CorDA and the peft arm each is held against, side by side
 PEFT_COUNTERPART = {"CorDA-KPM": "peft-CorDA-KPM", "CorDA-IPM": "peft-CorDA-IPM",
                     "CorDA-KPM-unbalanced": "peft-CorDA-KPM", "CorDA-IPM-unbalanced": "peft-CorDA-IPM"}
+# the default arms of our CorDA (balanced) that --matched_rates also runs at their peft counterpart's rate and back
+MATCHED_PAIRS = (("CorDA-KPM", "peft-CorDA-KPM"), ("CorDA-IPM", "peft-CorDA-IPM"))
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -448,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "scored 0-0.03 on GSM8K for every method, and generation was most of the evaluation time)")
     ap.add_argument("--task_max_new_tokens", type=int, default=160)
     ap.add_argument("--knowledge_examples", type=int, default=100)
+    ap.add_argument("--matched_rates", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run our balanced CorDA arms and peft's at each other's chosen rate, every seed, and "
+                         "hold them side by side at the same rate (each arm's own best rate can differ by noise)")
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (the cores are split between them)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compare_methods"))
     # internal: one run (training and evaluation) in a worker process
@@ -488,22 +493,12 @@ def main() -> None:
     grids = method_grids(args.lrs_for, methods, lrs)
     t0 = time.time()
     driver = Driver(args)
-    driver.plan(sum(len(grids[m]) + args.seeds for m in methods))  # seed 0 at the chosen rate: its full evaluation
-
-    def work(key):  # the base model's evaluation beside every method's sweep and seeds
-        if key == "base":
-            return driver.job("base", full=True, need_val=True, priority=SEEDS)
-        return driver.method(key, grids[key])
-
     try:
-        base, *outcome = parallel(work, ["base", *methods])
+        base, sweep, best_lr, results, matched = run_all(driver, methods, grids)
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
     finally:
         driver.bar.close()
-    sweep = {m: o[0] for m, o in zip(methods, outcome)}
-    best_lr = {m: o[1] for m, o in zip(methods, outcome)}
-    results = {m: o[2] for m, o in zip(methods, outcome)}
     # the wall time of every invocation that did some work on this work directory (an interrupted one included, when
     # it was recorded by hand), so that the report states the whole cost and not just the last, resumed invocation
     log_file = os.path.join(args.work_dir, "invocations.json")
@@ -513,7 +508,54 @@ def main() -> None:
                             "trained": driver.trained, "evaluated": driver.evaluated})
         with open(log_file, "w") as f:
             json.dump(invocations, f, indent=1)
-    report(args, base, sweep, best_lr, results, grids, invocations)
+    report(args, base, sweep, best_lr, results, grids, invocations, matched)
+
+
+def run_all(driver: Driver, methods: list[str], grids: dict) -> tuple[dict, dict, dict, dict, dict]:
+    """The base model's evaluation beside every method's sweep and seeds, then the matched-rate runs:
+    (base, sweep, best_lr, results, matched)."""
+    driver.plan(sum(len(grids[m]) + driver.args.seeds for m in methods))  # seed 0 at the chosen rate: its full eval
+
+    def work(key):
+        if key == "base":
+            return driver.job("base", full=True, need_val=True, priority=SEEDS)
+        return driver.method(key, grids[key])
+
+    base, *outcome = parallel(work, ["base", *methods])
+    sweep = {m: o[0] for m, o in zip(methods, outcome)}
+    best_lr = {m: o[1] for m, o in zip(methods, outcome)}
+    results = {m: o[2] for m, o in zip(methods, outcome)}
+    matched = matched_runs(driver, best_lr, results) if driver.args.matched_rates else {}
+    return base, sweep, best_lr, results, matched
+
+
+def matched_runs(driver: Driver, best_lr: dict, results: dict) -> dict[str, dict[float, dict[str, list]]]:
+    """`--matched_rates`: each pair of MATCHED_PAIRS at both of its chosen rates, every seed (the runs at an arm's own
+    rate are its final runs). {"OURS vs THEIRS": {lr: {arm: runs}}}; only pairs whose two arms both ran."""
+    seeds = list(range(driver.args.seeds))
+    jobs = {(pair, lr, arm): None for pair in MATCHED_PAIRS if set(pair) <= best_lr.keys()
+            for lr in sorted({best_lr[pair[0]], best_lr[pair[1]]}) for arm in pair}
+    todo = [(arm, lr) for _, lr, arm in jobs if lr != best_lr[arm]]
+    driver.plan(len(todo) * len(seeds))
+    ran = dict(zip(todo, parallel(lambda job: parallel(lambda seed: driver.run(*job, seed, True, SEEDS), seeds),
+                                  todo)))
+    out: dict[str, dict[float, dict[str, list]]] = {}
+    for pair, lr, arm in jobs:
+        runs = results[arm] if lr == best_lr[arm] else ran[(arm, lr)]
+        out.setdefault(" vs ".join(pair), {}).setdefault(lr, {})[arm] = runs
+    return out
+
+
+def matched_rows(matched: dict, base: dict) -> list[list]:
+    """One row per pair and shared rate: the two arms' means and the "at least as good" rule at that rate."""
+    rows = []
+    for pair, by_lr in matched.items():
+        for lr, arms in sorted(by_lr.items()):
+            (ours, theirs), d = list(arms), derived(arms, base)
+            claim, verdict, evidence = _at_least_as_good_claim(ours, d[ours], theirs, d[theirs])
+            rows.append([pair, f"{lr:g}", *[f"{fmt(mean_std(d[ours][k]))} / {fmt(mean_std(d[theirs][k]))}"
+                                            for k in ("task_nll", "forget", "early")], f"**{verdict}**", evidence])
+    return rows
 
 
 def wall_time(invocations: list[dict]) -> str:
@@ -567,7 +609,8 @@ def command_line(args) -> str:
             f"{args.max_length} --train_pool {args.train_pool} --calibration_samples {args.calibration_samples} "
             f"--val_examples {args.val_examples} --task_examples {args.task_examples} --em_examples {args.em_examples} "
             f"--knowledge_examples {args.knowledge_examples} --lr_extensions {args.lr_extensions} "
-            f"--workers {args.workers}" + (f" --model {args.model}" if args.model else ""))
+            f"--workers {args.workers}" + ("" if args.matched_rates else " --no-matched_rates")
+            + (f" --model {args.model}" if args.model else ""))
 
 
 def setup_text(args, model, grids) -> str:
@@ -590,10 +633,23 @@ def setup_text(args, model, grids) -> str:
         f"conversations; peft's arms run `preprocess_corda` one sample at a time, as it requires.")
 
 
-def report(args, base, sweep, best_lr, results, grids, invocations) -> None:
+def matched_text(matched, base, seeds) -> str:
+    return ("## Our CorDA beside peft's at the same learning rates\n\nEach arm's own best rate is picked on seed 0 "
+            "alone, so two arms can be held against each other at rates that differ by selection noise. Here our "
+            f"balanced arm and peft's arm of the same mode also run at each other's chosen rate ({seeds} seeds, the "
+            "same batches), and the \"at least as good\" rule is applied at each shared rate. Cells: ours / peft's, "
+            "mean ± std over seeds.\n\n"
+            + markdown_table(["pair", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", "train loss, steps 2 to half",
+                              "at least as good", "evidence (paired differences ± standard error)"],
+                             matched_rows(matched, base)))
+
+
+def report(args, base, sweep, best_lr, results, grids, invocations, matched) -> None:
     methods = list(results)
     every = {(m, lr, 0): r for m in methods for lr, r in sweep[m].items()}
     every.update({(m, r["lr"], r["seed"]): r for m in methods for r in results[m]})
+    every.update({(m, r["lr"], r["seed"]): r for by_lr in matched.values() for arms in by_lr.values()
+                  for m, runs in arms.items() for r in runs})
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
@@ -625,6 +681,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations) -> None:
         "forgetting and that early training loss.\n\n"
         + markdown_table(["claim", "verdict", "evidence (mean ± std over seeds; paired differences ± standard error)"],
                          verdict_rows),
+        *([matched_text(matched, base, args.seeds)] if matched else []),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
@@ -637,6 +694,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations) -> None:
     write_report(args.out + ".md", text, {
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
         "best_lr": best_lr, "verdicts": verdicts(results, base, best_lr), "invocations": invocations,
+        "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
         "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}})
     plots(results, base, args.out)  # beside the report (write_report made the folder)
 

@@ -76,6 +76,18 @@ def test_every_corda_arm_is_judged_and_held_against_peft():
     assert claims["peft-CorDA-KPM's best learning rate is within 4× of LoRA's"] == "does not hold"
 
 
+def test_matched_rate_rows_hold_each_pair_side_by_side_at_every_shared_rate():
+    from benchmarks.compare_methods import matched_rows
+
+    matched = {"CorDA-IPM vs peft-CorDA-IPM": {
+        4e-4: {"CorDA-IPM": seeds(0.9, 4.5, early=0.9), "peft-CorDA-IPM": seeds(1.0, 4.9, early=1.0)},
+        1e-4: {"CorDA-IPM": seeds(1.1, 4.5), "peft-CorDA-IPM": seeds(1.0, 4.5)}}}
+    rows = matched_rows(matched, BASE)
+    assert [r[1] for r in rows] == ["0.0001", "0.0004"]  # by rate
+    assert rows[0][5] == "**does not hold**" and "worse: GSM8K test NLL" in rows[0][6]
+    assert rows[1][5] == "**holds**" and rows[1][2].startswith("0.900")
+
+
 def test_dude_verdict_needs_a_match_and_a_smaller_spread():
     dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
     assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
@@ -112,6 +124,14 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert "CorDA-KPM forgets less than LoRA" in report and "--model" in report
     assert "CorDA-KPM is at least as good as peft-CorDA-KPM" in report and "Factor norms at init" in report
     assert all(data["results"][m][0]["init_factor_norms"]["q_proj"]["A"] > 0 for m in data["results"])
+    # --matched_rates: our balanced arm and peft's, each at both chosen rates, every seed
+    matched = data["matched"]["CorDA-KPM vs peft-CorDA-KPM"]
+    assert set(matched) == {str(data["best_lr"][m]) for m in ("CorDA-KPM", "peft-CorDA-KPM")}
+    for lr, arms in matched.items():
+        assert set(arms) == {"CorDA-KPM", "peft-CorDA-KPM"}
+        assert all([r["seed"] for r in runs] == [0, 1] and all(r["lr"] == float(lr) for r in runs)
+                   for runs in arms.values())
+    assert "Our CorDA beside peft's at the same learning rates" in report
     assert os.path.getsize(f"{out}_loss.png") > 0 and os.path.getsize(f"{out}_knowledge_vs_task.png") > 0
     # a second invocation reuses every finished run and evaluation: nothing trains again
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
