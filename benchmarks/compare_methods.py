@@ -13,7 +13,7 @@ own `preprocess_corda` (peft-CorDA-KPM/IPM); every KPM arm calibrates on the sam
 dev file (none of the evaluated NQ-open dev questions) with their answers, every IPM arm on the same GSM8K train
 problems with their solutions; both as chat conversations, as the recipes calibrate.
 
-    python -m benchmarks.compare_methods              # all ten arms, ~1.5 hours on 2 CPU cores
+    python -m benchmarks.compare_methods              # all ten arms and the matched rates, ~1.75 hours on 2 CPU cores
     python -m benchmarks.compare_methods --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/x   # a subset
 
 Each run (its training, then its evaluation) is one subprocess; two run at a time with one thread each (`--workers`:
