@@ -203,3 +203,45 @@ def write_residual_(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.T
         return
     with gather_params_ctx(base.weight, modifier_rank=0):
         subtract_init_product_(base.weight.data, lora_A, lora_B, scaling, fan_in_fan_out)
+
+
+def rebase_residual_(base: torch.nn.Module, old: Optional[tuple[torch.Tensor, torch.Tensor]],
+                     new: Optional[tuple[torch.Tensor, torch.Tensor]], scaling: float, fan_in_fan_out: bool,
+                     float_source: Optional[tuple] = None, method: str = "") -> None:
+    """Move the residual from one pair of init factors to another: W_res + s·B_old·A_old − s·B_new·A_new, where
+    `old` None means the weight holds the original W and `new` None restores it (unload, delete). A float weight is
+    changed in place; a bitsandbytes one is re-quantized once (from the float checkpoint when `float_source` is set,
+    so restoring it gives back the weight quantized from that checkpoint)."""
+    if get_bnb_param_type(base.weight):
+        if float_source:
+            source = float_weight(*float_source, method)
+        else:
+            source = dequantized_weight(base).float()
+            if old is not None:
+                source = torch.addmm(source.to(old[1].device), old[1].float(), old[0].float(), alpha=scaling)
+        zero = (torch.zeros(0, source.shape[1]), torch.zeros(source.shape[0], 0))
+        lora_A, lora_B = new if new is not None else zero
+        requantize_residual(base, lora_A, lora_B, scaling, source=source)
+        return
+    with gather_params_ctx(base.weight, modifier_rank=0):
+        if old is not None:
+            subtract_init_product_(base.weight.data, old[0], old[1], -scaling, fan_in_fan_out)
+        if new is not None:
+            subtract_init_product_(base.weight.data, new[0], new[1], scaling, fan_in_fan_out)
+
+
+def weight_fingerprint(W: torch.Tensor) -> torch.Tensor:
+    """16 float64 numbers that tell one base weight (out, in) from another of the same shape: uᵢᵀ·W·vᵢ for fixed
+    random ±1 vectors. A dtype change of the same weight (bf16, fp16) moves them by ~1e-3 relative, another
+    checkpoint by ~1."""
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f = W.shape
+    u = torch.randint(0, 2, (16, out_f), generator=g, dtype=torch.float64) * 2 - 1
+    v = (torch.randint(0, 2, (in_f, 16), generator=g) * 2 - 1).to(W.device, torch.float32)
+    Wv = (W.float() @ v).double().cpu()  # (out, 16); no float64 copy of W
+    return (u * Wv.T).sum(dim=1)
+
+
+def same_weight(a: torch.Tensor, b: torch.Tensor, rtol: float = 0.05) -> bool:
+    """Whether two fingerprints come from the same weight (up to a dtype change or quantization error)."""
+    return bool(torch.linalg.vector_norm(a.double() - b.double()) <= rtol * torch.linalg.vector_norm(b.double()))

@@ -26,23 +26,28 @@ class InitRuntime:
     """What a config carries between calls at run time, never saved (like peft's `LoraRuntimeConfig`):
 
     * `injection`: the `peft_ext.injection.Injection` of the `get_peft_model` call in progress;
-    * `stored_init`: layer name -> saved (A0, B0), set by `load_adapter` for the reload;
-    * `calibration`: CorDA's `Calibration`, set by `calibrate`, consumed by `get_peft_model`.
+    * `stored_init`: layer name -> saved (A0, B0, base-weight fingerprint or None), set by `load_adapter`;
+    * `calibration`: CorDA's `Calibration`, set by `calibrate`, consumed by `get_peft_model`;
+    * `check_base`: refuse saved factors (and state dicts) whose base-weight fingerprint is another weight's;
+    * `source`: where the stored factors come from, for messages.
 
     A copy of the config (peft and TRL deep-copy configs) shares the stored factors and the calibration, which are
     read only, instead of copying covariances; an injection in progress is never copied.
     """
 
-    __slots__ = ("injection", "stored_init", "calibration")
+    __slots__ = ("injection", "stored_init", "calibration", "check_base", "source")
 
     def __init__(self) -> None:
         self.injection: Any = None
         self.stored_init: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
         self.calibration: Any = None
+        self.check_base: bool = True
+        self.source: Optional[str] = None
 
     def __deepcopy__(self, memo) -> "InitRuntime":
         copy = InitRuntime()
         copy.stored_init, copy.calibration = self.stored_init, self.calibration
+        copy.check_base, copy.source = self.check_base, self.source
         return copy
 
     def __copy__(self) -> "InitRuntime":

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ._compat import BufferDict, Conv1D, LoraLinear, gather_params_ctx
-from .base_weight import decomposable_weight, write_residual_
+from .base_weight import (decomposable_weight, rebase_residual_, same_weight, weight_fingerprint,
+                          write_residual_)
 from .distributed import broadcast_, dist_info
 from .injection import Injection
 from .variants import PeftExtDoraVariant
@@ -40,6 +41,10 @@ class _InitState:
     pending: bool = True  # base weight not yet replaced by the residual
     creating: bool = True  # inside peft's update_layer: its set_adapter call is not the end of the injection
     float_source: Optional[tuple] = None  # (checkpoint, layer name, shape): quantized base decomposed from its float weight
+    name: str = "<unnamed>"  # the layer's name in the model, for messages
+    fingerprint: Optional[torch.Tensor] = None  # of the original base weight (`base_weight.weight_fingerprint`)
+    check_base: bool = True  # refuse a state dict whose fingerprint is another base weight's
+    applied: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A0, B0) the residual holds, once committed
 
 
 class ResidualInitMixin:
@@ -66,6 +71,8 @@ class ResidualInitMixin:
             self._peft_ext_state: dict[str, _InitState] = {}
             self.lora_init_A = BufferDict(persistent=True)
             self.lora_init_B = BufferDict(persistent=True)
+            self.lora_init_fingerprint = BufferDict(persistent=True)
+            self.register_load_state_dict_post_hook(ResidualInitMixin._after_state_load)
         if getattr(config, "peft_ext_method", None) is None:  # a plain LoraConfig added to this layer
             return super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
@@ -77,6 +84,7 @@ class ResidualInitMixin:
             state.creating = False
             self.lora_init_A[adapter_name] = state.lora_A
             self.lora_init_B[adapter_name] = state.lora_B
+            self.lora_init_fingerprint[adapter_name] = state.fingerprint.clone()
         except BaseException:
             if not existed:  # remove only what this call added; an adapter of the same name from before stays intact
                 self._peft_ext_state.pop(adapter_name, None)
@@ -119,20 +127,23 @@ class ResidualInitMixin:
                     f"Fix: check the checkpoint, or leave this layer out of target_modules."
                 )
             scaling = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+            fingerprint = weight_fingerprint(W)
+            check_stored_base(config, name, fingerprint)
             lora_A, lora_B = self._init_factors(config, W, r, scaling, name)
             magnitude = torch.linalg.vector_norm(W, dim=1)
         if hasattr(base.weight, "ds_id") and dist_info()[1] > 1:
             # ZeRO-3: every rank decomposed the same gathered weight; make the result identical by construction
             for t in (lora_A, lora_B, magnitude):
                 broadcast_(t, src=0)
-        return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source)
+        return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source, name=name,
+                          fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base)
 
     def _init_factors(self, config, W: torch.Tensor, r: int, scaling: float, name: str):
         """(A0, B0), contiguous float32: the saved ones when the adapter is being reloaded, else the method's."""
         method, (out_features, in_features) = config.peft_ext_method, W.shape
         stored = (config.peft_ext_runtime.stored_init or {}).get(name)
         if stored is not None:
-            lora_A, lora_B = (t.to(device=W.device, dtype=torch.float32) for t in stored)
+            lora_A, lora_B = (t.to(device=W.device, dtype=torch.float32) for t in stored[:2])
             if lora_A.shape != (r, in_features) or lora_B.shape != (out_features, r):
                 raise ValueError(
                     f"peft_ext {method}: the saved init factors of layer '{name}' have shapes "
@@ -171,6 +182,7 @@ class ResidualInitMixin:
             method = getattr(state.config, "peft_ext_method", "")
             write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out,
                             float_source=state.float_source, method=method)
+            state.applied = (state.lora_A.detach().clone(), state.lora_B.detach().clone())
             state.pending = False
             state.magnitude = None
             config, state.config = state.config, None
@@ -179,21 +191,94 @@ class ResidualInitMixin:
                 runtime.injection = None  # this was the injection's last layer
                 config._injection_finished()
 
+    # --- the original weight where the residual-init adapter is not applied ---------------------------------------
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if any(s.pending and not s.creating for s in self.residual_init_states().values()):
             self._commit()
-        return super().forward(x, *args, **kwargs)
+        result = super().forward(x, *args, **kwargs)
+        # the base layer computes the residual; wherever the residual-init adapter is not applied (adapters disabled,
+        # as TRL's implicit reference model; another adapter active; rows of a mixed batch that ask for another
+        # adapter or '__base__'), add its init product s·B0·(A0·x) back, so that those outputs are the original W·x
+        names = None if self.disable_adapters else kwargs.get("adapter_names")
+        for adapter_name, state in self.residual_init_states().items():
+            if state.applied is None or adapter_name in self.merged_adapters:
+                continue
+            if names is not None:
+                rows = torch.tensor([n != adapter_name for n in names], device=result.device)
+                if rows.any():
+                    result = result + self._init_product(x, state, result.dtype) * rows.view(-1, *[1] * (x.dim() - 1))
+            elif self.disable_adapters or adapter_name not in self.active_adapters:
+                result = result + self._init_product(x, state, result.dtype)
+        return result
+
+    @staticmethod
+    def _init_product(x: torch.Tensor, state: _InitState, dtype: torch.dtype) -> torch.Tensor:
+        A, B = (t.to(x.device) for t in state.applied)
+        return (state.scaling * ((x.to(torch.float32) @ A.T) @ B.T)).to(dtype)
+
+    def _restore_base(self, adapter_name: str) -> None:
+        """Write the original weight back (W_res + s·B0·A0) and forget the adapter's residual-init state."""
+        state = self.residual_init_states().pop(adapter_name, None)
+        if state is not None and state.applied is not None:
+            rebase_residual_(self.get_base_layer(), state.applied, None, state.scaling, self.fan_in_fan_out,
+                             float_source=state.float_source, method=getattr(state.config, "peft_ext_method", ""))
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
+                                           adapter_names: Optional[list[str]]) -> nn.Module:
+        """peft's `merge_and_unload()` / `unload()`: the base layer with the merged adapters' deltas on the original
+        weight (`merge=True`), or the original weight itself (`unload()`)."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        elif self.merged:
+            self.unmerge()
+        for adapter_name in list(self.residual_init_states()):
+            if adapter_name not in self.merged_adapters:  # a merged one's delta sits on the original W already
+                self._restore_base(adapter_name)
+        return self.get_base_layer()
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         self._commit()
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.merged_adapters:  # the original weight comes back with the adapter's removal
+            self._restore_base(adapter_name)
         super().delete_adapter(adapter_name)
-        for buffers in (getattr(self, "lora_init_A", {}), getattr(self, "lora_init_B", {})):
+        for buffers in (getattr(self, name, {}) for name in ("lora_init_A", "lora_init_B", "lora_init_fingerprint")):
             if adapter_name in buffers:
                 del buffers[adapter_name]
         self.drop_residual_init_state(adapter_name)
+
+    # --- state dict loads (peft's load_adapter, set_peft_model_state_dict, a Trainer resume) ----------------------
+
+    def _after_state_load(self, incompatible_keys) -> None:
+        """The residual follows the loaded init factors: when a load wrote other A0/B0 than the residual was built
+        from (another svd_seed, other calibration data), it is rebuilt from the original weight and the loaded
+        factors. A saved fingerprint of another base weight is refused (unless the adapter was created with
+        `check_base=False`); the layer keeps its own fingerprint either way."""
+        for adapter_name, state in self.residual_init_states().items():
+            if state.applied is None or adapter_name not in self.lora_init_A:
+                continue
+            A, B = self.lora_init_A[adapter_name], self.lora_init_B[adapter_name]
+            fingerprint = self.lora_init_fingerprint[adapter_name]
+            foreign = state.check_base and not same_weight(fingerprint, state.fingerprint)
+            fingerprint.copy_(state.fingerprint)
+            if foreign:
+                A.copy_(state.applied[0])
+                B.copy_(state.applied[1])
+                raise ValueError(base_mismatch_message(state.name, "the loaded state dict"))
+            if torch.equal(A, state.applied[0].to(A.dtype)) and torch.equal(B, state.applied[1].to(B.dtype)):
+                continue
+            if adapter_name in self.merged_adapters:
+                raise ValueError(
+                    f"peft_ext: the state dict loaded into layer '{state.name}' has other init factors than adapter "
+                    f"'{adapter_name}', which is merged. Fix: unmerge_adapter() before loading."
+                )
+            new = (A.detach().float().clone(), B.detach().float().clone())
+            rebase_residual_(self.get_base_layer(), state.applied, new, state.scaling, self.fan_in_fan_out,
+                             float_source=state.float_source, method=getattr(state.config, "peft_ext_method", ""))
+            state.applied = new
 
     def __repr__(self) -> str:
         return "peft_ext." + super().__repr__()
@@ -208,6 +293,20 @@ class PeftExtLinear(ResidualInitMixin, LoraLinear):
         is_conv1d = isinstance(base_of(base_layer), Conv1D)
         config.fan_in_fan_out = is_conv1d
         super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
+
+
+def base_mismatch_message(name: str, source: str) -> str:
+    return (f"peft_ext: layer '{name}' of this model is not the base weight the adapter in {source} was created on "
+            f"(their fingerprints differ). Fix: load the adapter onto the base model it was trained from, or pass "
+            f"check_base=False to peft_ext.load_adapter for a deliberate transfer.")
+
+
+def check_stored_base(config, name: str, fingerprint: torch.Tensor) -> None:
+    """A reload (`load_adapter`) onto another base weight than the saved one is refused before anything changes."""
+    runtime = config.peft_ext_runtime
+    stored = (runtime.stored_init or {}).get(name)
+    if runtime.check_base and stored is not None and stored[2] is not None and not same_weight(stored[2], fingerprint):
+        raise ValueError(base_mismatch_message(name, runtime.source or "the saved adapter"))
 
 
 def base_of(module: nn.Module) -> nn.Module:

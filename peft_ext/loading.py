@@ -18,37 +18,40 @@ from .config import load_config
 
 
 _BASE_PREFIX = "base_model.model."
-INIT_SUFFIXES = (".lora_init_A", ".lora_init_B")
+INIT_SUFFIXES = (".lora_init_A", ".lora_init_B", ".lora_init_fingerprint")  # A0, B0, the base weight's fingerprint
 
 
-def _stored_init_factors(weights: dict[str, torch.Tensor], path: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _stored_init_factors(weights: dict[str, torch.Tensor], path: str) -> dict[str, tuple]:
+    """layer name -> (A0, B0, fingerprint or None: adapters saved before fingerprints were recorded)."""
     pairs: dict[str, list[Optional[torch.Tensor]]] = {}
     for key, value in weights.items():
         for i, suffix in enumerate(INIT_SUFFIXES):
             if key.endswith(suffix):
                 name = key[: -len(suffix)].removeprefix(_BASE_PREFIX)
-                pairs.setdefault(name, [None, None])[i] = value
+                pairs.setdefault(name, [None, None, None])[i] = value
     if not pairs:
         raise ValueError(
             f"peft_ext: '{path}' holds no lora_init_A/lora_init_B tensors, so its residual base weights cannot be "
             f"rebuilt. Fix: save the PeftModel with save_pretrained (a trainer checkpoint of it works too)."
         )
-    broken = sorted(n for n, (a, b) in pairs.items() if a is None or b is None)
+    broken = sorted(n for n, (a, b, _) in pairs.items() if a is None or b is None)
     if broken:
         raise ValueError(f"peft_ext: '{path}' has only one of lora_init_A/lora_init_B for {broken}; the file is damaged.")
-    return {n: (a, b) for n, (a, b) in pairs.items()}
+    return {n: tuple(p) for n, p in pairs.items()}
 
 
 def load_adapter(
     model: torch.nn.Module, path: str, adapter_name: str = "default", is_trainable: bool = False,
-    float_weights_path: Optional[str] = None, **kwargs
+    float_weights_path: Optional[str] = None, check_base: bool = True, **kwargs
 ) -> PeftModel:
     """Load a saved DuDe/CorDA adapter onto the original base model and return the PeftModel.
 
     The residual base weights are rebuilt from the saved init factors (no SVD, no calibration data), so the result
     reproduces the saved model's outputs. For a quantized base decomposed from its float checkpoint, that checkpoint is
     read again: the saved `float_weights_path`, or `float_weights_path` given here (the same weights, elsewhere).
-    `kwargs` go to `peft.PeftModel.from_pretrained`.
+    The adapter records a fingerprint of every target's original weight; loading onto another base model (the same
+    shapes, other weights) is refused with the name of the first layer that differs, and leaves the model as it
+    was. `check_base=False` allows a deliberate transfer. `kwargs` go to `peft.PeftModel.from_pretrained`.
     """
     config = load_config(path)
     if float_weights_path is not None:
@@ -63,7 +66,8 @@ def load_adapter(
             f"'{missing[0]}' ({len(missing)} of {len(stored)}). Fix: load the adapter onto the base model it was "
             f"trained from (base_model_name_or_path={config.base_model_name_or_path!r})."
         )
-    config.peft_ext_runtime.stored_init = stored
+    runtime = config.peft_ext_runtime
+    runtime.stored_init, runtime.check_base, runtime.source = stored, check_base, repr(path)
     config.inference_mode = not is_trainable
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
