@@ -231,7 +231,7 @@ def rebase_residual_(base: torch.nn.Module, old: Optional[tuple[torch.Tensor, to
 
 
 def weight_fingerprint(W: torch.Tensor) -> torch.Tensor:
-    """16 float64 numbers that tell one base weight (out, in) from another of the same shape: uᵢᵀ·W·vᵢ for fixed
+    """16 numbers that tell one base weight (out, in) from another of the same shape: uᵢᵀ·W·vᵢ for fixed
     random ±1 vectors. A dtype change of the same weight (bf16, fp16) moves them by ~1e-3 relative, another
     checkpoint by ~1."""
     g = torch.Generator().manual_seed(0)
@@ -239,7 +239,7 @@ def weight_fingerprint(W: torch.Tensor) -> torch.Tensor:
     u = torch.randint(0, 2, (16, out_f), generator=g, dtype=torch.float64) * 2 - 1
     v = (torch.randint(0, 2, (in_f, 16), generator=g) * 2 - 1).to(W.device, torch.float32)
     Wv = (W.float() @ v).double().cpu()  # (out, 16); no float64 copy of W
-    return (u * Wv.T).sum(dim=1)
+    return (u * Wv.T).sum(dim=1).float()  # saved with the adapter's float32 tensors
 
 
 def same_weight(a: torch.Tensor, b: torch.Tensor, rtol: float = 0.05) -> bool:
