@@ -103,12 +103,7 @@ def write_report(out_md: str, report: str, data: dict | None = None) -> None:
     print(f"\nwritten: {out_md}")
 
 
-# --- JSONL, statistics over seeds, parallel runs -----------------------------------------------------------------
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+# --- JSONL writing (reading: peft_ext.jsonl.read_jsonl), statistics over seeds, parallel runs -----------------------------------------------------------------
 
 
 def write_jsonl(path, rows):

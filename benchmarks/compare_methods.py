@@ -36,7 +36,9 @@ import sys
 import threading
 import time
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel, read_jsonl,
+from peft_ext.jsonl import read_jsonl
+
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel,
                                stamp, write_jsonl, write_report)
 
 # the calibration files hold the records in the recipes' formats, so that every arm calibrates as its recipe does

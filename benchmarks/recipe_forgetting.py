@@ -28,7 +28,9 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel, read_jsonl,
+from peft_ext.jsonl import read_jsonl
+
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel,
                                stamp, write_jsonl, write_report)
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"

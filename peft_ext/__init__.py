@@ -5,6 +5,7 @@ from .corda import Calibration, CorDAConfig, calibrate
 from .dude import DuDeConfig
 from .export import export_peft_adapter
 from .loading import load_adapter
+from .targets import expect_targets
 
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "PeftExtConfig",
     "__version__",
     "calibrate",
+    "expect_targets",
     "export_peft_adapter",
     "load_adapter",
     "load_config",

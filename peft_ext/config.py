@@ -3,6 +3,7 @@ residual-init layers), the registry of methods, `load_config`, and a config's ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -14,11 +15,13 @@ from peft import LoraConfig
 from torch import nn
 
 from .dispatch import create_peft_ext_layer
-from .layer import PEFT_EXT_INIT
+from .layer import LEGACY_PEFT_EXT_INIT, PEFT_EXT_INIT
+from .model_card import add_to_model_card
 
 
 __version__ = "0.1.0"
 CONFIG_NAME = "adapter_config.json"
+UNMARKED_VARIANTS = ("use_qalora",)  # LoRA variants whose peft field does not carry `is_lora_variant`
 _METHODS: dict[str, type] = {}  # peft_ext_method -> config class, filled by PeftExtConfig.__init_subclass__
 
 
@@ -29,13 +32,14 @@ class InitRuntime:
     * `stored_init`: layer name -> saved (A0, B0, base-weight fingerprint or None), set by `load_adapter`;
     * `calibration`: CorDA's `Calibration`, set by `calibrate`, consumed by `get_peft_model`;
     * `check_base`: refuse saved factors (and state dicts) whose base-weight fingerprint is another weight's;
-    * `source`: where the stored factors come from, for messages.
+    * `source`: where the stored factors come from, for messages;
+    * `expected_layers`: how many layers the next injection creates, when known (the init progress bar's total).
 
     A copy of the config (peft and TRL deep-copy configs) shares the stored factors and the calibration, which are
     read only, instead of copying covariances; an injection in progress is never copied.
     """
 
-    __slots__ = ("injection", "stored_init", "calibration", "check_base", "source")
+    __slots__ = ("injection", "stored_init", "calibration", "check_base", "source", "expected_layers")
 
     def __init__(self) -> None:
         self.injection: Any = None
@@ -43,11 +47,12 @@ class InitRuntime:
         self.calibration: Any = None
         self.check_base: bool = True
         self.source: Optional[str] = None
+        self.expected_layers: Optional[int] = None
 
     def __deepcopy__(self, memo) -> "InitRuntime":
         copy = InitRuntime()
         copy.stored_init, copy.calibration = self.stored_init, self.calibration
-        copy.check_base, copy.source = self.check_base, self.source
+        copy.check_base, copy.source, copy.expected_layers = self.check_base, self.source, self.expected_layers
         return copy
 
     def __copy__(self) -> "InitRuntime":
@@ -71,18 +76,19 @@ class PeftExtConfig(LoraConfig):
     """Base of `DuDeConfig` and `CorDAConfig`; not used directly.
 
     These configs stay LoRA-typed (`peft_type=LORA`), so `get_peft_model`, TRL and `merge_and_unload` work unchanged.
-    Because peft reloads a LoRA-typed config as a plain `LoraConfig`, the saved config sets `init_lora_weights` to
-    `"peft_ext"`: plain peft then refuses to load the adapter ("Unknown initialization") instead of silently building a
-    plain LoRA over the wrong base weights. Use `peft_ext.load_adapter`, or export with
-    `peft_ext.export_peft_adapter` for a plain peft adapter.
+    Because peft reloads a LoRA-typed config as a plain `LoraConfig`, the saved config sets `init_lora_weights` to a
+    text that names `peft_ext.load_adapter` and `peft_ext.export_peft_adapter`: plain peft then refuses to load the
+    adapter ("Unknown initialization init_lora_weights='peft_ext: ...'") and shows that text, instead of silently
+    building a plain LoRA over the wrong base weights. `save_pretrained` also adds both routes to the adapter's model
+    card (README.md).
     """
 
     init_lora_weights: Union[bool, str] = override_field(
         default=PEFT_EXT_INIT,
         metadata={
             "help": (
-                f"Fixed to '{PEFT_EXT_INIT}': the adapter is initialised from a decomposition of the base weight. "
-                "For other initialisations use peft's LoraConfig."
+                "Fixed: the adapter is initialised from a decomposition of the base weight. Saved as a text that "
+                "tells plain peft users how to load it. For other initialisations use peft's LoraConfig."
             ),
         },
         inherit="init_lora_weights",
@@ -143,8 +149,10 @@ class PeftExtConfig(LoraConfig):
         return rv
 
     def __post_init__(self):
-        super().__post_init__()
         cls_name = type(self).__name__
+        self._check_ranks(cls_name)  # before peft's checks: ours name the fix for these adapters
+        self._check_lora_options(cls_name)
+        super().__post_init__()
         if not self.peft_ext_method:
             self.peft_ext_method = self._method
         if self.peft_ext_method != self._method:
@@ -152,6 +160,8 @@ class PeftExtConfig(LoraConfig):
                 f"{cls_name}: peft_ext_method={self.peft_ext_method!r}, but this config class builds "
                 f"{self._method!r} adapters. Fix: load the config with peft_ext.load_config, which picks the class."
             )
+        if self.init_lora_weights == LEGACY_PEFT_EXT_INIT:  # saved before the init text named the loaders
+            self.init_lora_weights = PEFT_EXT_INIT
         if self.init_lora_weights != PEFT_EXT_INIT:
             raise ValueError(
                 f"{cls_name}: init_lora_weights={self.init_lora_weights!r}, but {cls_name} always initialises from "
@@ -172,6 +182,41 @@ class PeftExtConfig(LoraConfig):
         # every matched module goes through our dispatcher: the right layer class, or a clear error
         self._register_custom_module({nn.Module: create_peft_ext_layer})
 
+    def _check_ranks(self, cls_name: str) -> None:
+        """r, rank_pattern and lora_alpha: positive numbers, checked here instead of failing inside the init."""
+        ranks = {"r": self.r, **{f"rank_pattern[{k!r}]": v for k, v in (self.rank_pattern or {}).items()}}
+        for name, value in ranks.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{cls_name}: {name}={value!r}. Fix: a positive integer rank (e.g. r=16).")
+        alphas = {"lora_alpha": self.lora_alpha, **{f"alpha_pattern[{k!r}]": v
+                                                     for k, v in (self.alpha_pattern or {}).items()}}
+        for name, value in alphas.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{cls_name}: {name}={value!r}. Fix: a positive number (the scaling is alpha / r).")
+
+    def _check_lora_options(self, cls_name: str) -> None:
+        """LoRA variants (every field peft marks `is_lora_variant`, and UNMARKED_VARIANTS, except use_dora) and
+        lora_bias would be ignored
+        by the residual-init layers, or would change the layer they rewrite: refused by name."""
+        for f in dataclasses.fields(LoraConfig):
+            if f.name == "use_dora" or not (f.metadata.get("is_lora_variant") or f.name in UNMARKED_VARIANTS):
+                continue
+            if getattr(self, f.name, None) not in (None, False, f.default):
+                raise ValueError(
+                    f"{cls_name}: {f.name}={getattr(self, f.name)!r} is a LoRA variant that peft_ext layers do not "
+                    f"implement (only use_dora is). Fix: unset {f.name}, or use peft's LoraConfig for that variant."
+                )
+        if self.lora_bias:
+            raise ValueError(
+                f"{cls_name}: lora_bias=True is not supported: the residual-init layers train no bias of their own, "
+                f"and the export to plain peft has none. Fix: leave lora_bias=False."
+            )
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's config save, and the adapter's model card section naming `peft_ext.load_adapter` and the export."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_to_model_card(save_directory, self.peft_ext_method)
+
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +226,7 @@ class PeftExtConfig(LoraConfig):
 
     def _injection_finished(self) -> None:
         """get_peft_model has committed every layer: drop what only the init needed."""
-        self.peft_ext_runtime.stored_init = None
+        self.peft_ext_runtime.stored_init = self.peft_ext_runtime.expected_layers = None
 
     @classmethod
     def from_peft_type(cls, **kwargs):

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 class Injection:
     """The layers that received a residual-init adapter in the current `get_peft_model` call and are not committed."""
 
-    def __init__(self, method: str):
+    def __init__(self, method: str, total: int | None = None):
         self.entries: list[tuple[nn.Module, str, bool]] = []  # (layer, adapter name, wrapper created by this call)
         self._created: dict[int, nn.Module] = {}  # wrappers this call created, by id
         self._homes: dict[int, tuple[nn.Module, str]] = {}  # id(wrapper) -> (parent, attribute) where peft put it
         self._hook = register_module_module_registration_hook(self._on_register)
-        self.progress = tqdm(desc=f"peft_ext {method} init", unit="layer", leave=False)
+        self.progress = tqdm(total=total, desc=f"peft_ext {method} init", unit="layer", leave=False)
 
     def _on_register(self, parent: nn.Module, name: str, module: nn.Module):
         if id(module) in self._created and self._created[id(module)] is module:

@@ -26,7 +26,11 @@ from .injection import Injection
 from .variants import PeftExtDoraVariant
 
 
-PEFT_EXT_INIT = "peft_ext"
+# the saved `init_lora_weights`: plain peft refuses it ("Unknown initialization init_lora_weights=...") and so shows
+# the user this text; adapters saved before it say "peft_ext" (LEGACY_PEFT_EXT_INIT), which still loads
+PEFT_EXT_INIT = ("peft_ext: not loadable by plain peft. Load it with peft_ext.load_adapter(base_model, path), or "
+                 "export a plain peft adapter with peft_ext.export_peft_adapter(path, out_dir)")
+LEGACY_PEFT_EXT_INIT = "peft_ext"
 
 
 @dataclass
@@ -95,7 +99,7 @@ class ResidualInitMixin:
         state.config = config
         runtime = config.peft_ext_runtime
         if runtime.injection is None:
-            runtime.injection = Injection(config.peft_ext_method)
+            runtime.injection = Injection(config.peft_ext_method, total=runtime.expected_layers)
         runtime.injection.add(self, adapter_name, created)
 
     def drop_residual_init_state(self, adapter_name: str) -> None:
@@ -162,8 +166,9 @@ class ResidualInitMixin:
     def reset_lora_parameters(self, adapter_name, init_lora_weights):
         state = self.residual_init_states().get(adapter_name)
         if init_lora_weights == PEFT_EXT_INIT and state is not None:
-            self.lora_A[adapter_name].weight.data = state.lora_A.clone()
-            self.lora_B[adapter_name].weight.data = state.lora_B.clone()
+            for module, value in ((self.lora_A[adapter_name], state.lora_A), (self.lora_B[adapter_name], state.lora_B)):
+                if not module.weight.is_meta:  # low_cpu_mem_usage: created empty, filled at commit (_materialize)
+                    module.weight.data = value.clone()
             return
         super().reset_lora_parameters(adapter_name, init_lora_weights)
 
@@ -180,6 +185,7 @@ class ResidualInitMixin:
             if not state.pending or state.creating:
                 continue
             method = getattr(state.config, "peft_ext_method", "")
+            self._materialize(state)
             write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out,
                             float_source=state.float_source, method=method)
             state.applied = (state.lora_A.detach().clone(), state.lora_B.detach().clone())
@@ -192,6 +198,20 @@ class ResidualInitMixin:
                 config._injection_finished()
 
     # --- the original weight where the residual-init adapter is not applied ---------------------------------------
+
+    def _materialize(self, state: _InitState) -> None:
+        """`get_peft_model(..., low_cpu_mem_usage=True)` creates the adapter's parameters on the meta device (peft
+        expects a state dict to fill them). A residual-init adapter's values are its init factors and magnitude,
+        computed anyway: they are put in place here, outside peft's empty-weights context."""
+        adapter_name = next(n for n, s in self.residual_init_states().items() if s is state)
+        magnitude = self.lora_magnitude_vector[adapter_name] if adapter_name in self.lora_magnitude_vector else None
+        values = [(self.lora_A[adapter_name].weight, state.lora_A), (self.lora_B[adapter_name].weight, state.lora_B)]
+        if magnitude is not None:
+            values.append((magnitude.weight, state.magnitude))
+        for param, value in values:
+            if param.is_meta:  # swapped in place: a parameter assigned now could still be sent to meta by the context
+                torch.utils.swap_tensors(param, nn.Parameter(value.detach().to(param.dtype).clone(),
+                                                             requires_grad=param.requires_grad))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if any(s.pending and not s.creating for s in self.residual_init_states().values()):
@@ -214,7 +234,9 @@ class ResidualInitMixin:
 
     @staticmethod
     def _init_product(x: torch.Tensor, state: _InitState, dtype: torch.dtype) -> torch.Tensor:
-        A, B = (t.to(x.device) for t in state.applied)
+        if state.applied[0].device != x.device:  # the model moved (e.g. to the GPU after init): follow it once
+            state.applied = tuple(t.to(x.device) for t in state.applied)
+        A, B = state.applied
         return (state.scaling * ((x.to(torch.float32) @ A.T) @ B.T)).to(dtype)
 
     def _restore_base(self, adapter_name: str) -> None:
@@ -262,13 +284,14 @@ class ResidualInitMixin:
                 continue
             A, B = self.lora_init_A[adapter_name], self.lora_init_B[adapter_name]
             fingerprint = self.lora_init_fingerprint[adapter_name]
-            foreign = state.check_base and not same_weight(fingerprint, state.fingerprint)
+            foreign = state.check_base and not same_weight(fingerprint.cpu(), state.fingerprint)
             fingerprint.copy_(state.fingerprint)
             if foreign:
                 A.copy_(state.applied[0])
                 B.copy_(state.applied[1])
                 raise ValueError(base_mismatch_message(state.name, "the loaded state dict"))
-            if torch.equal(A, state.applied[0].to(A.dtype)) and torch.equal(B, state.applied[1].to(B.dtype)):
+            old_A, old_B = (t.to(A.device, A.dtype) for t in state.applied)
+            if torch.equal(A, old_A) and torch.equal(B, old_B):
                 continue
             if adapter_name in self.merged_adapters:
                 raise ValueError(

@@ -68,6 +68,7 @@ def load_adapter(
         )
     runtime = config.peft_ext_runtime
     runtime.stored_init, runtime.check_base, runtime.source = stored, check_base, repr(path)
+    runtime.expected_layers = len(stored)
     config.inference_mode = not is_trainable
     return PeftModel.from_pretrained(
         model, path, adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs

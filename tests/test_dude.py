@@ -12,6 +12,7 @@ from peft.utils.other import transpose
 
 import peft_ext
 from peft_ext import DuDeConfig, export_peft_adapter, load_adapter, load_config
+from peft_ext.layer import PEFT_EXT_INIT
 
 from .helpers import (ARCHS, assert_same_state, logits, make_tiny, peft_ext_layers, perturb_trainable, rel_err,
                       run_plain_peft, sample_input, state_snapshot)
@@ -232,7 +233,7 @@ def test_saved_config_keeps_every_dude_field(tmp_path):
     model = get_peft_model(make_tiny("llama"), config)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_ext_method"] == "dude" and saved["init_lora_weights"] == "peft_ext"
+    assert saved["peft_ext_method"] == "dude" and saved["init_lora_weights"] == PEFT_EXT_INIT
     loaded = load_config(str(tmp_path))
     assert type(loaded) is DuDeConfig
     for key in ("r", "lora_alpha", "svd_niter", "svd_oversample", "svd_seed", "use_rslora", "rank_pattern",

@@ -128,3 +128,20 @@ def test_resumed_sft_run_equals_an_uninterrupted_one(method, variant_flags, tiny
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("method", ["dude", "corda"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_low_cpu_mem_usage_creates_and_loads_real_adapters(arch, method, tmp_path):
+    """peft creates the adapter on the meta device under low_cpu_mem_usage; the init factors are put in place."""
+    import peft_ext
+
+    want, x = trained_adapter(method, arch, tmp_path)
+    model, config = config_for(method, arch, 0)
+    reference = logits(get_peft_model(make_tiny(arch), config_for(method, arch, 0)[1]), x)
+    fresh = get_peft_model(model, config, low_cpu_mem_usage=True)
+    assert not [n for n, p in fresh.named_parameters() if p.is_meta]
+    assert torch.equal(logits(fresh, x), reference)
+    loaded = peft_ext.load_adapter(make_tiny(arch), str(tmp_path / "adapter"), low_cpu_mem_usage=True)
+    assert not [n for n, p in loaded.named_parameters() if p.is_meta]
+    assert rel_err(logits(loaded, x), want) < 1e-6

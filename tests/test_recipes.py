@@ -107,6 +107,20 @@ def test_bad_input_exits_with_one_line_and_no_output(tmp_path, capsys):
     assert "--max_stepz" in one_error_line(capsys)
     assert main(["--load_in_4bit", "--float_weights", str(tmp_path / "nowhere"), "--output_dir", str(out)]) == 2
     assert "--float_weights" in one_error_line(capsys)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["--dataset_name", str(empty), "--output_dir", str(out)]) == 2
+    assert "empty.jsonl' is empty" in one_error_line(capsys)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n')
+    assert main(["--dataset_name", str(broken), "--output_dir", str(out)]) == 2
+    assert "broken.jsonl', line 2: not valid JSON" in one_error_line(capsys)
+    assert main(["--config", os.path.join(SMOL, "corda", "config_kpm_cpu.yaml"), "--calibration_dataset",
+                 str(broken), "--output_dir", str(out)]) == 2
+    assert "broken.jsonl', line 2" in one_error_line(capsys)
+    assert main(["--model_name_or_path", str(tmp_path / "no_model"), "--output_dir", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "no_model'" in line and "--model_name_or_path" in line
     assert not out.exists()
 
 

@@ -80,6 +80,12 @@ class PeftMethodArguments:
     export_plain_peft: bool = field(
         default=True, metadata={"help": "Also write a plain peft adapter (loads without peft_ext) after training."}
     )
+    save_merged: bool = field(
+        default=False,
+        metadata={"help": "Also write merged/: the base model with the adapter merged into its weights (safetensors, "
+                          "the base's dtype, tokenizer included), for plain transformers and for serving DoRA-style "
+                          "adapters (DuDe, DoRA) with vLLM, which serves LoRA adapters only."},
+    )
 
     def __post_init__(self):
         if self.peft_method not in PEFT_METHODS:
@@ -88,6 +94,10 @@ class PeftMethodArguments:
             raise ValueError(f"--corda_method {self.corda_method!r}: use 'kpm' or 'ipm'.")
         if self.corda_implementation not in ("peft_ext", "peft"):
             raise ValueError(f"--corda_implementation {self.corda_implementation!r}: use 'peft_ext' or 'peft'.")
+        peft_residual = self.peft_method == "pissa" or (self.peft_method == "corda" and self.corda_implementation == "peft")
+        if self.save_merged and peft_residual and not self.export_plain_peft:
+            raise ValueError("--save_merged for peft's PiSSA/CorDA merges the converted plain adapter, which "
+                             "--export_plain_peft false does not write. Fix: keep --export_plain_peft true.")
 
 
 def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_path: Optional[str] = None):

@@ -21,9 +21,7 @@ def load_split(name_or_path: str, split: str = "train", config: Optional[str] = 
     datasets.disable_progress_bars()  # "Generating train split" bars would bury a one-line error
     try:
         if os.path.isfile(name_or_path) or name_or_path.endswith((".jsonl", ".json")):
-            if not os.path.isfile(name_or_path):
-                raise DataError(f"dataset file '{name_or_path}' does not exist.")
-            return datasets.load_dataset("json", data_files=name_or_path, split="train")
+            return _load_local_file(datasets, name_or_path)
         try:
             return datasets.load_dataset(name_or_path, name=config, split=split)
         except Exception as exc:  # offline, no such dataset, no such split
@@ -32,6 +30,28 @@ def load_split(name_or_path: str, split: str = "train", config: Optional[str] = 
             ) from exc
     finally:
         datasets.enable_progress_bars()
+
+
+def _load_local_file(datasets, path: str):
+    """A local JSON/JSONL file as a Dataset; a missing or empty file, or a broken line (with its number), is a
+    DataError."""
+    from peft_ext.jsonl import read_jsonl
+
+    if not os.path.isfile(path):
+        raise DataError(f"dataset file '{path}' does not exist.")
+    if not path.endswith(".json"):  # JSON lines: check every line first, so that an error names the line
+        try:
+            if not read_jsonl(path, what="dataset file"):
+                raise DataError(f"dataset file '{path}' is empty.")
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+    try:
+        ds = datasets.load_dataset("json", data_files=path, split="train")
+    except Exception as exc:  # datasets' DatasetGenerationError and friends
+        raise DataError(f"dataset file '{path}' cannot be read: {str(exc).splitlines()[0]}") from exc
+    if len(ds) == 0:
+        raise DataError(f"dataset file '{path}' is empty.")
+    return ds
 
 
 def qa_to_prompt_completion(record: dict) -> dict:

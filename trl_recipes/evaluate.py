@@ -25,6 +25,7 @@ import sys
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .dataset import DataError, prompt_and_reference
 
@@ -74,8 +75,9 @@ def pad_token_id(tokenizer) -> int:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
-    """Greedy answers to chat prompts (batched, left padding)."""
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8,
+             desc: str = "generating answers") -> list[str]:
+    """Greedy answers to chat prompts (batched, left padding), with a progress bar over the prompts."""
     if model.training:  # only then: `no_cpu_repacking` keeps a model's 4-bit layers in training mode on purpose
         model.eval()
     device = next(model.parameters()).device
@@ -83,14 +85,17 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     tokenizer.padding_side = "left"
     pad = pad_token_id(tokenizer)
     outs = []
+    bar = tqdm(total=len(prompts), desc=desc, unit="answer", leave=False, disable=not prompts)
     try:
         for i in range(0, len(prompts), batch_size):
             texts = [_chat_text(tokenizer, p, True) for p in prompts[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             outs += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            bar.update(len(texts))
     finally:
         tokenizer.padding_side = side
+        bar.close()
     return [o.strip() for o in outs]
 
 
@@ -102,8 +107,9 @@ def _accepts_logits_to_keep(model) -> bool:
 
 
 @torch.no_grad()
-def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8) -> list[float]:
-    """Mean per-token NLL of each answer given its chat prompt.
+def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8,
+               desc: str = "scoring answers (NLL)") -> list[float]:
+    """Mean per-token NLL of each answer given its chat prompt, with a progress bar over the answers.
 
     Only the positions that predict answer tokens go through the output layer (`logits_to_keep`, for models that take
     it): on a 135M model with a 49k vocabulary the prompt's logits were a quarter of the cost."""
@@ -120,8 +126,10 @@ def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], 
         encoded.append((full, len(prompt_ids)))
     order = sorted(range(len(encoded)), key=lambda k: len(encoded[k][0]))  # batches of similar length: less padding
     scores = [0.0] * len(encoded)
+    bar = tqdm(total=len(order), desc=desc, unit="answer", leave=False, disable=not order)
     for i in range(0, len(order), batch_size):
         rows = [encoded[k] for k in order[i : i + batch_size]]
+        bar.update(len(rows))
         width = max(len(f) for f, _ in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -142,6 +150,7 @@ def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], 
         valid = tgt != -100
         for k, value in zip(order[i : i + batch_size], (nll.sum(1) / valid.sum(1).clamp_min(1)).tolist()):
             scores[k] = value
+    bar.close()
     return scores
 
 
@@ -149,10 +158,12 @@ def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], 
 
 
 def read_records(path: str, n: int) -> list[dict]:
-    if not os.path.isfile(path):
-        raise DataError(f"evaluation file '{path}' does not exist.")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    from peft_ext.jsonl import read_jsonl
+
+    try:
+        records = read_jsonl(path, what="evaluation file")
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from None
     if not records:
         raise DataError(f"evaluation file '{path}' is empty.")
     return records[:n]
@@ -164,9 +175,10 @@ def evaluate_task(model, tokenizer, records: list[dict], max_new_tokens: int = 2
     generation is the slow part."""
     prompts, refs = zip(*(prompt_and_reference(r) for r in records))
     n_gen = len(records) if generation_examples is None else min(generation_examples, len(records))
-    preds = generate(model, tokenizer, list(prompts[:n_gen]), max_new_tokens, generation_batch_size or batch_size)
+    preds = generate(model, tokenizer, list(prompts[:n_gen]), max_new_tokens, generation_batch_size or batch_size,
+                     desc="task: generating answers")
     em = [final_number(p) is not None and final_number(p) == final_number(r) for p, r in zip(preds, refs)]
-    nll = answer_nll(model, tokenizer, list(prompts), list(refs), batch_size)
+    nll = answer_nll(model, tokenizer, list(prompts), list(refs), batch_size, desc="task: scoring answers (NLL)")
     return {"exact_match": sum(em) / len(em) if em else None, "answer_nll": sum(nll) / len(nll), "n": len(records),
             "n_generated": n_gen,
             "examples": [{"prompt": p[-1]["content"], "reference": r, "prediction": g}
@@ -177,9 +189,11 @@ def evaluate_knowledge(model, tokenizer, records: list[dict], max_new_tokens: in
                        generation_batch_size: Optional[int] = None) -> dict:
     prompts = [[{"role": "user", "content": KNOWLEDGE_INSTRUCTION.format(question=r["question"])}] for r in records]
     golds = [r["answer"] if isinstance(r["answer"], list) else [r["answer"]] for r in records]
-    preds = generate(model, tokenizer, prompts, max_new_tokens, generation_batch_size or batch_size)
+    preds = generate(model, tokenizer, prompts, max_new_tokens, generation_batch_size or batch_size,
+                     desc="knowledge: generating answers")
     em = [knowledge_match(p, g) for p, g in zip(preds, golds)]
-    nll = answer_nll(model, tokenizer, prompts, [g[0] for g in golds], batch_size)
+    nll = answer_nll(model, tokenizer, prompts, [g[0] for g in golds], batch_size,
+                     desc="knowledge: scoring gold answers (NLL)")
     return {"exact_match": sum(em) / len(em), "gold_nll": sum(nll) / len(nll), "n": len(records),
             "examples": [{"question": r["question"], "gold": g, "prediction": p}
                          for r, g, p in zip(records[:5], golds[:5], preds[:5])]}

@@ -148,7 +148,7 @@ def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> No
 
 
 def load_datasets(script_args, training_args, method_args):
-    """(train dataset, held-out records) — validated before anything is written."""
+    """(train dataset, held-out records, CorDA calibration records or None) — validated before any work."""
     name = script_args.dataset_name or DEFAULT_TRAIN_FILE
     train = to_sft_format(load_split(name, script_args.dataset_train_split, script_args.dataset_config),
                           training_args.dataset_text_field, where=f"dataset '{name}'")
@@ -171,7 +171,8 @@ def load_datasets(script_args, training_args, method_args):
             held_out = [prompt_and_reference(r) for r in records]
         except DataError:
             held_out = []  # e.g. plain text data: nothing to answer
-    return train, held_out
+    calibration = calibration_data(method_args, train) if method_args.peft_method == "corda" else None
+    return train, held_out, calibration
 
 
 def calibration_data(method_args, train):
@@ -190,7 +191,7 @@ def calibration_data(method_args, train):
     return data  # records with messages / prompt / text: calibrate picks the field
 
 
-def calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose: bool) -> None:
+def calibrate_corda(model, peft_config, method_args, data, tokenizer, verbose: bool) -> None:
     """CorDA's calibration before the model is wrapped: peft_ext's `calibrate`, or peft's `preprocess_corda`
     (`--corda_implementation peft`) on the same samples."""
     from peft_ext import calibrate
@@ -200,7 +201,6 @@ def calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose: 
     common = dict(tokenizer=tokenizer, num_samples=method_args.calibration_samples,
                   max_length=method_args.calibration_max_length, seed=method_args.svd_seed, text_field=text_field,
                   verbose=verbose)
-    data = calibration_data(method_args, train)
     if method_args.corda_implementation == "peft":
         from .peft_corda import calibrate_with_peft
 
@@ -287,6 +287,7 @@ class RunResult:
     after: list
     train_seconds: float
     init_norms: dict
+    started: float = 0.0  # time.time() when main() began: metrics.json's run_seconds count from there
 
     @property
     def adapter_dir(self) -> str:
@@ -295,6 +296,10 @@ class RunResult:
     @property
     def plain_dir(self) -> str:
         return os.path.join(self.out_dir, "adapter_plain_peft")
+
+    @property
+    def merged_dir(self) -> str:
+        return os.path.join(self.out_dir, "merged")
 
     @property
     def pissa_init_dir(self) -> str:  # peft uses the folder name as an adapter name
@@ -313,7 +318,14 @@ def load_model(model_args, training_args, state, log):
         log("[trl_recipes] no GPU: training in float32 (a bf16 matmul is ~100× slower than fp32 on this kind of CPU)")
         training_args.bf16 = training_args.fp16 = False
     model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    except OSError as exc:  # transformers' long message about repo ids and local folders
+        raise RecipeError(
+            f"--model_name_or_path {model_path!r}: no such local model directory, and the hub has no model of that "
+            f"name or cannot be reached ({str(exc).splitlines()[0][:160]}). Fix: the path of a directory with "
+            f"config.json, tokenizer and weights, or leave it unset for the packaged SmolLM2-135M-Instruct."
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -333,8 +345,11 @@ def build_trainer(model, tokenizer, train, peft_config, training_args, method_ar
     adapter is saved for the conversion to a plain adapter at the end."""
     from trl import SFTTrainer
 
+    from peft_ext import PeftExtConfig, expect_targets
     from peft_ext._compat import is_deepspeed_zero3_enabled
 
+    if isinstance(peft_config, PeftExtConfig) and main_process:
+        expect_targets(model, peft_config)  # the init progress bar's total
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
     if quantized:
@@ -351,6 +366,7 @@ def build_trainer(model, tokenizer, train, peft_config, training_args, method_ar
 
 def main(script_args, training_args, model_args, method_args) -> dict:
     """The run (TRL's script shape: parsed arguments in, the main process's metrics.json content out)."""
+    started = time.time()
     import torch
     from accelerate import PartialState
 
@@ -362,7 +378,7 @@ def main(script_args, training_args, model_args, method_args) -> dict:
 
     check_quantization(model_args, zero3=is_deepspeed_zero3_enabled())
     float_weights_path(method_args, model_args, "", check_only=True)  # a bad --float_weights fails before the load
-    train, held_out = load_datasets(script_args, training_args, method_args)
+    train, held_out, calibration = load_datasets(script_args, training_args, method_args)
     state = PartialState()  # initialises torch.distributed under accelerate/deepspeed launchers
     log = print if state.is_main_process else (lambda *a, **k: None)
     model_path, tokenizer, model, quantization = load_model(model_args, training_args, state, log)
@@ -377,14 +393,14 @@ def main(script_args, training_args, model_args, method_args) -> dict:
         log(f"[trl_recipes] quantized base: decomposing the float weights of {float_weights}, residual quantized once")
     peft_config = get_peft_config(model_args, method_args, float_weights_path=float_weights)
     if method_args.peft_method == "corda":
-        calibrate_corda(model, peft_config, method_args, train, tokenizer, verbose=state.is_main_process)
+        calibrate_corda(model, peft_config, method_args, calibration, tokenizer, verbose=state.is_main_process)
     trainer, init_norms = build_trainer(model, tokenizer, train, peft_config, training_args, method_args,
                                         quantization is not None, state.is_main_process)
     t0 = time.time()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     result = RunResult(method_args, script_args.dataset_name or DEFAULT_TRAIN_FILE, model_path,
                        training_args.output_dir, trainer.model, trainer, len(train), held_out, before, [],
-                       time.time() - t0, init_norms)
+                       time.time() - t0, init_norms, started)
     trainer.save_model(result.adapter_dir)
     result.peft_model.eval()
     with no_cpu_repacking(result.peft_model):  # a repacked 4-bit weight could not be dequantized for the export
@@ -409,10 +425,35 @@ def export_plain(r: RunResult) -> None:
         if converts_at_save(r.method_args):
             r.peft_model.save_pretrained(r.plain_dir, path_initial_model_for_weight_conversion=r.pissa_init_dir)
         elif r.method_args.peft_method in ("dude", "corda"):
-            export_peft_adapter(r.adapter_dir, r.plain_dir)  # from the saved files: complete even under ZeRO-3
+            # from the saved files: complete even under ZeRO-3; the run owns its output directory
+            export_peft_adapter(r.adapter_dir, r.plain_dir, overwrite=True)
         else:  # lora / dora adapters are plain peft already
             r.peft_model.save_pretrained(r.plain_dir)
     shutil.rmtree(r.pissa_init_dir, ignore_errors=True)
+
+
+def save_merged(r: RunResult) -> None:
+    """`--save_merged`: merged/, the base model reloaded from its checkpoint with the saved adapter merged into its
+    weights (safetensors, the dtype the base was loaded in, tokenizer included). Built from the saved files, so it
+    is complete under ZeRO-3 and for quantized training too (merged into the float checkpoint's weights)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import peft_ext
+
+    dtype = getattr(r.peft_model.get_base_model().config, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(r.model_path, dtype=dtype)
+    if os.path.isfile(os.path.join(r.plain_dir, "adapter_config.json")):
+        model = PeftModel.from_pretrained(base, r.plain_dir)  # every method's plain export applies to this base
+    elif r.method_args.peft_method in ("dude", "corda"):
+        model = peft_ext.load_adapter(base, r.adapter_dir)
+    else:  # lora / dora (PiSSA and peft's CorDA need the plain export: checked with the arguments)
+        model = PeftModel.from_pretrained(base, r.adapter_dir)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(r.merged_dir, safe_serialization=True)
+    r.trainer.processing_class.save_pretrained(r.merged_dir)
 
 
 def held_out_examples(r: RunResult) -> list[dict]:
@@ -427,8 +468,10 @@ def held_out_examples(r: RunResult) -> list[dict]:
 
 
 def finish_run(r: RunResult) -> dict:
-    """Main process: export, loss curve, metrics.json (last) and the printed summary."""
+    """Main process: export (and merged model), loss curve, metrics.json (last) and the printed summary."""
     export_plain(r)
+    if r.method_args.save_merged:
+        save_merged(r)
     history = [(h["step"], h["loss"]) for h in r.trainer.state.log_history if "loss" in h]
     plot_loss(history, os.path.join(r.out_dir, "loss_curve.png"),
               f"{r.method_args.peft_method} on {os.path.basename(r.model_path.rstrip('/'))}")
@@ -442,6 +485,9 @@ def finish_run(r: RunResult) -> dict:
         "global_steps": steps,
         "train_seconds": r.train_seconds,
         "seconds_per_step": r.train_seconds / max(steps, 1),
+        # everything after the imports: model load, answers before and after, init (and calibration), training,
+        # saving, exports; the setup (pip) and Python's start-up come on top
+        "run_seconds": time.time() - r.started,
         "final_loss": history[-1][1] if history else None,
         "loss_history": history,
         "held_out_exact_match_before": (sum(e["correct_before"] for e in examples) / len(examples)) if examples else None,
@@ -452,6 +498,7 @@ def finish_run(r: RunResult) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "adapter_dir": r.adapter_dir,
         "plain_peft_dir": r.plain_dir if r.method_args.export_plain_peft else None,
+        "merged_dir": r.merged_dir if r.method_args.save_merged else None,
         "peft_config": json.loads(json.dumps(r.peft_model.peft_config["default"].to_dict(), default=str)),
     }
     with open(os.path.join(r.out_dir, "metrics.json"), "w") as f:  # last: marks the run as finished
@@ -461,10 +508,13 @@ def finish_run(r: RunResult) -> dict:
 
 
 def print_summary(r: RunResult, metrics: dict, examples: list[dict]) -> None:
-    print(f"\n[trl_recipes] done in {r.train_seconds:.0f} s ({metrics['global_steps']} steps)")
+    print(f"\n[trl_recipes] done: {metrics['global_steps']} steps trained in {r.train_seconds:.0f} s, "
+          f"{metrics['run_seconds']:.0f} s in all")
     print(f"  adapter:            {r.adapter_dir}")
     if r.method_args.export_plain_peft:
         print(f"  plain peft adapter: {r.plain_dir}   (PeftModel.from_pretrained, no peft_ext needed)")
+    if r.method_args.save_merged:
+        print(f"  merged model:       {r.merged_dir}   (AutoModelForCausalLM.from_pretrained; serve it with vLLM)")
     print(f"  metrics:            {os.path.join(r.out_dir, 'metrics.json')}")
     print(f"  loss curve:         {os.path.join(r.out_dir, 'loss_curve.png')}")
     for e in examples[:3]:

@@ -16,11 +16,11 @@ Differences from peft's `preprocess_corda`, each deliberate:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
 import random
+import tempfile
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -30,9 +30,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .._compat import BaseTunerLayer, Conv1D, check_target_module_exists, gather_params_ctx, maybe_include_all_linear_layers
+from .._compat import BaseTunerLayer, gather_params_ctx
 from ..base_weight import no_cpu_repacking
 from ..distributed import all_reduce_max, all_reduce_sum, barrier, dist_info, gathered_forward, is_zero3_partitioned
+from ..jsonl import read_jsonl
+from ..targets import target_module_names
 from .config import CorDAConfig
 from .decomposition import damped_cholesky
 
@@ -135,13 +137,6 @@ def _record_text(record: Mapping, tokenizer, text_field) -> str:
     return "\n".join(parts)
 
 
-def _load_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"peft_ext.calibrate: calibration file '{path}' does not exist.")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _is_batch(item) -> bool:
     return isinstance(item, Mapping) and "input_ids" in item and torch.is_tensor(item["input_ids"])
 
@@ -154,7 +149,7 @@ def _rows_from_texts(texts: list[str], tokenizer, max_length: int, chat: bool) -
 def prepare_calibration_data(data, tokenizer, *, num_samples: int, max_length: int, seed: int, text_field=None):
     """→ ("rows", list of token-id lists) or ("batches", list of dicts of tensors)."""
     if isinstance(data, (str, os.PathLike)):
-        data = _load_jsonl(os.fspath(data))
+        data = read_jsonl(data, what="peft_ext.calibrate: calibration file")
     try:
         import datasets
 
@@ -228,15 +223,6 @@ def batch_rows(rows: list[list[int]], batch_size: int, pad_id: int) -> list[dict
 # --- targets and fingerprint -------------------------------------------------------------------------------------
 
 
-def target_module_names(model: nn.Module, config) -> list[str]:
-    """The modules get_peft_model will adapt with this config (nn.Linear / Conv1D only), in model order."""
-    probe = maybe_include_all_linear_layers(copy.copy(config), model)  # it may rewrite target_modules: a copy
-    return [
-        name for name, module in model.named_modules()
-        if name and isinstance(module, (nn.Linear, Conv1D)) and check_target_module_exists(probe, name)
-    ]
-
-
 def _sha256_tensors(tensors: Iterable[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -284,6 +270,23 @@ def _save_cache(path: str, calib: Calibration) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
+
+
+def _check_cache_destination(path: Optional[str]) -> None:
+    """A cache file that will be written must be writable: found out before the calibration, not after it (its work
+    would be lost). The check writes and removes a probe file beside it."""
+    if path is None or os.path.exists(path):
+        if path is not None and os.path.isdir(path):
+            raise ValueError(f"peft_ext.calibrate: cache_file={path!r} is a directory. Fix: a .safetensors file path.")
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".peft_ext_probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"peft_ext.calibrate: cache_file={path!r} cannot be written ({exc.strerror or exc}). Fix: a "
+                         f"path in a writable folder, or cache_file=None.") from None
 
 
 def _load_cache(path: str, expected: dict) -> Calibration:
@@ -459,6 +462,7 @@ def calibrate(
             made batches count as sharded already); the sums are all-reduced.
     """
     names = _check_arguments(model, config, covariance_dtype, num_samples, max_length, batch_size)
+    _check_cache_destination(cache_file)
     kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
                                            seed=seed, text_field=text_field)
     fingerprint = {
@@ -591,6 +595,7 @@ def _reduced_groups(groups: list, world: int) -> list:
 
 def _attach(config, calib: Calibration, verbose: bool) -> Calibration:
     config.peft_ext_runtime.calibration = calib
+    config.peft_ext_runtime.expected_layers = len(calib.targets)  # the total of get_peft_model's init progress bar
     config.corda_calibration = calib.to_config_record()
     tokens = calib.tokens
     for g in calib.groups:
