@@ -174,8 +174,8 @@ def job_worker(args) -> None:
     need_val = args.need_val and "val_nll" not in result
     adapter = None if out is None else os.path.join(out, "adapter")
     records = {k: read_jsonl(os.path.join(args.work_dir, f"{k}.jsonl")) for k in ("val", "test", "nq")}
-    base, after, tokenizer = load_for_eval(args.model, adapter=adapter)
-    model = after() if adapter else base
+    models = load_for_eval(args.model, adapter=adapter)
+    model, tokenizer = (models.after if models.after is not None else models.before), models.tokenizer
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.eval()
@@ -301,10 +301,9 @@ def verdicts(results: dict, base: dict, best_lr: dict | None = None) -> list[tup
 
 
 def plots(results, base, out_prefix):
-    import matplotlib
+    from trl_recipes.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, runs in results.items():

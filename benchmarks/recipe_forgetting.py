@@ -81,8 +81,8 @@ def job_worker(args) -> None:
     if os.path.isfile(result_file):
         return
     adapter = None if out is None else os.path.join(out, "adapter")
-    base, after, tokenizer = load_for_eval(args.model or "SmolLM2-135M-Instruct", adapter=adapter)
-    model = after() if adapter else base
+    models = load_for_eval(args.model or "SmolLM2-135M-Instruct", adapter=adapter)
+    model, tokenizer = (models.after if models.after is not None else models.before), models.tokenizer
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.eval()

@@ -179,8 +179,7 @@ def assert_adapter_and_export_agree(model_dir, out_dir):
     if cfg.get("init_lora_weights") == "corda":  # peft's CorDA: only its converted export applies to the base
         from trl_recipes.evaluate import load_for_eval
 
-        _, after, _ = load_for_eval(model_dir, adapter=adapter)
-        assert after().peft_config["default"].init_lora_weights is True
+        assert load_for_eval(model_dir, adapter=adapter).after.peft_config["default"].init_lora_weights is True
         return
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     trained = (peft_ext.load_adapter(base, adapter) if "peft_ext_method" in cfg

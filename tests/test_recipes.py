@@ -212,6 +212,17 @@ def test_evaluate_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert result[side]["task"]["n"] == 3 and result[side]["knowledge"]["n"] == 3
         assert result[side]["task"]["answer_nll"] > 0 and result[side]["knowledge"]["gold_nll"] > 0
     assert "task answer NLL" in open(out / "eval.md").read()
+    # "before" is the adapted model with its adapter disabled: the untouched base model's numbers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_recipes.dataset import prompt_and_reference
+    from trl_recipes.evaluate import answer_nll, read_records
+
+    records = read_records(os.path.join(SHARED, "gsm8k", "test.jsonl"), 3)
+    prompts, refs = zip(*(prompt_and_reference(r) for r in records))
+    base_nll = answer_nll(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+                          AutoTokenizer.from_pretrained(tiny_model_dir), list(prompts), list(refs))
+    assert result["before"]["task"]["answer_nll"] == pytest.approx(sum(base_nll) / 3, rel=1e-5)
     # a merged model is evaluated the same way
     from peft_ext import load_adapter
     from transformers import AutoModelForCausalLM
@@ -242,8 +253,8 @@ def test_evaluate_takes_the_converted_pissa_adapter(tiny_model_dir, tmp_path):
     plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                            LoraConfig(r=2, target_modules="all-linear"))
     plain.save_pretrained(run / "adapter_plain_peft")
-    _, after, _ = load_for_eval(tiny_model_dir, adapter=str(run / "adapter"))
-    assert after().peft_config["default"].init_lora_weights is True
+    assert load_for_eval(tiny_model_dir, adapter=str(run / "adapter")).after.peft_config["default"].init_lora_weights \
+        is True
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -22,7 +22,9 @@ import os
 import re
 import string
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -233,50 +235,73 @@ def markdown(before: dict, after: Optional[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optional[str] = None, dtype=torch.float32):
-    """(before model, after model or None, tokenizer); the after model wraps the before one in place."""
+@dataclass
+class EvalModels:
+    """What an evaluation compares, loaded once: `after`, the adapted model (a PeftModel, or the `--merged` model;
+    None without either), `before`, a separate base model where one is needed (None when `after` is a PeftModel,
+    whose adapter is disabled instead: peft_ext and plain peft adapters then compute the original base weights),
+    and the tokenizer."""
+
+    before: Optional[torch.nn.Module]
+    after: Optional[torch.nn.Module]
+    tokenizer: Any
+
+    @contextmanager
+    def base(self):
+        """The base model: the separate one, or the adapted model with its adapter disabled."""
+        if self.before is not None:
+            yield self.before
+        else:
+            with self.after.disable_adapter():
+                yield self.after
+
+
+def _adapter_to_load(adapter: str) -> tuple[str, bool]:
+    """(directory to load, is a peft_ext adapter): a PiSSA adapter, or one of peft's CorDA, through its converted
+    plain adapter beside it."""
+    config_file = os.path.join(adapter, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        raise DataError(f"--adapter '{adapter}' has no adapter_config.json.")
+    with open(config_file) as f:
+        adapter_config = json.load(f)
+    init = str(adapter_config.get("init_lora_weights"))
+    if init.startswith("pissa") or init == "corda":
+        # peft reloads a PiSSA adapter by running PiSSA on the base again; with a randomized SVD (pissa_niter_*) the
+        # sketch differs from training's and the residual does not match, and a CorDA one needs its calibration
+        # again. The converted plain LoRA that trl_recipes.sft writes beside it applies to the untouched base exactly.
+        plain = os.path.join(os.path.dirname(os.path.abspath(adapter)), "adapter_plain_peft")
+        if os.path.isfile(os.path.join(plain, "adapter_config.json")):
+            return plain, False
+        if init != "pissa":
+            raise DataError(
+                f"--adapter '{adapter}' is a peft PiSSA/CorDA adapter (init_lora_weights={init}) relative to a "
+                f"residual base that peft cannot rebuild (a randomized SVD, or CorDA's calibration). Fix: "
+                f"evaluate its converted plain adapter (adapter_plain_peft, written by trl_recipes.sft)."
+            )
+    return adapter, "peft_ext_method" in adapter_config
+
+
+def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optional[str] = None,
+                  dtype=torch.float32) -> EvalModels:
+    """The base model and the adapted one (`adapter`: a peft_ext or plain peft adapter directory; or `merged`: a
+    merged model's directory), loaded for `evaluate`."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_ext
 
     from .models import resolve_model_path
 
     base_path = resolve_model_path(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    if merged:
-        return base, (lambda: AutoModelForCausalLM.from_pretrained(merged, dtype=dtype)), tokenizer
     if adapter:
-        config_file = os.path.join(adapter, "adapter_config.json")
-        if not os.path.isfile(config_file):
-            raise DataError(f"--adapter '{adapter}' has no adapter_config.json.")
-        with open(config_file) as f:
-            adapter_config = json.load(f)
-        is_peft_ext = "peft_ext_method" in adapter_config
-        init = str(adapter_config.get("init_lora_weights"))
-        if init.startswith("pissa") or init == "corda":
-            # peft reloads a PiSSA adapter by running PiSSA on the base again; with a randomized SVD
-            # (pissa_niter_*) the sketch differs from training's and the residual does not match, and a CorDA one
-            # needs its calibration again. The converted plain LoRA that trl_recipes.sft writes beside it applies to
-            # the untouched base exactly.
-            plain = os.path.join(os.path.dirname(os.path.abspath(adapter)), "adapter_plain_peft")
-            if os.path.isfile(os.path.join(plain, "adapter_config.json")):
-                adapter = plain
-            elif init != "pissa":
-                raise DataError(
-                    f"--adapter '{adapter}' is a peft PiSSA/CorDA adapter (init_lora_weights={init}) relative to a "
-                    f"residual base that peft cannot rebuild (a randomized SVD, or CorDA's calibration). Fix: "
-                    f"evaluate its converted plain adapter (adapter_plain_peft, written by trl_recipes.sft)."
-                )
-
-        def after():
-            if is_peft_ext:
-                import peft_ext
-
-                return peft_ext.load_adapter(base, adapter)
-            return PeftModel.from_pretrained(base, adapter)
-
-        return base, after, tokenizer
-    return base, None, tokenizer
+        path, is_peft_ext = _adapter_to_load(adapter)  # checked before the model is loaded
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        after = peft_ext.load_adapter(base, path) if is_peft_ext else PeftModel.from_pretrained(base, path)
+        return EvalModels(None, after, tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    after = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype) if merged else None
+    return EvalModels(base, after, tokenizer)
 
 
 def main(argv=None) -> int:
@@ -300,14 +325,15 @@ def main(argv=None) -> int:
             raise DataError("give --task_data and/or --knowledge_data.")
         task = read_records(args.task_data, args.num_task) if args.task_data else None
         knowledge = read_records(args.knowledge_data, args.num_knowledge) if args.knowledge_data else None
-        before_model, after_fn, tokenizer = load_for_eval(args.model, args.adapter, args.merged)
+        models = load_for_eval(args.model, args.adapter, args.merged)
     except (DataError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     kwargs = dict(task_max_new_tokens=args.task_max_new_tokens, batch_size=args.batch_size,
                   generation_batch_size=args.generation_batch_size)
-    before = evaluate(before_model, tokenizer, task, knowledge, **kwargs)
-    after = evaluate(after_fn(), tokenizer, task, knowledge, **kwargs) if after_fn else None
+    with models.base() as base:
+        before = evaluate(base, models.tokenizer, task, knowledge, **kwargs)
+    after = evaluate(models.after, models.tokenizer, task, knowledge, **kwargs) if models.after is not None else None
     result = {"model": args.model, "adapter": args.adapter, "merged": args.merged, "before": before, "after": after}
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "eval.json"), "w") as f:

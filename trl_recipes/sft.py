@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from . import plots
 from .args import DEFAULT_RECIPE, DEFAULT_TEST_FILE, DEFAULT_TRAIN_FILE, PeftMethodArguments, get_peft_config
 from .dataset import DataError, load_split, pair_to_messages, prompt_and_reference, qa_to_messages, to_sft_format
 
@@ -208,23 +209,6 @@ def calibrate_corda(model, peft_config, method_args, data, tokenizer, verbose: b
     else:
         calibrate(model, peft_config, data, batch_size=method_args.calibration_batch_size,
                   cache_file=method_args.calibration_cache, **common)
-
-
-def plot_loss(history: list[tuple[int, float]], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if history:
-        steps, losses = zip(*history)
-        ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
-    ax.set(xlabel="step", ylabel="training loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def init_distributed_on_cpu() -> bool:
@@ -473,7 +457,7 @@ def finish_run(r: RunResult) -> dict:
     if r.method_args.save_merged:
         save_merged(r)
     history = [(h["step"], h["loss"]) for h in r.trainer.state.log_history if "loss" in h]
-    plot_loss(history, os.path.join(r.out_dir, "loss_curve.png"),
+    plots.plot_loss(history, os.path.join(r.out_dir, "loss_curve.png"),
               f"{r.method_args.peft_method} on {os.path.basename(r.model_path.rstrip('/'))}")
     examples = held_out_examples(r)
     steps = r.trainer.state.global_step
