@@ -38,7 +38,6 @@ if not SUPPORTED_PEFT[0] <= Version(peft.__version__) < SUPPORTED_PEFT[1]:
 
 from peft.tuners._buffer_dict import BufferDict  # noqa: E402
 from peft.tuners.lora.config import CordaConfig as PeftCordaConfig  # noqa: E402
-from peft.tuners.lora.corda import preprocess_corda  # noqa: E402
 from peft.tuners.lora.dora import DoraLinearLayer  # noqa: E402
 from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
@@ -68,6 +67,14 @@ except ImportError:
 def check_target_module_exists(config, key: str) -> bool:
     """peft's own matching of a module name against `target_modules` / `exclude_modules` / layer patterns."""
     return bool(LoraModel._check_target_module_exists(config, key))
+
+
+def preprocess_corda(*args, **kwargs):
+    """peft's own CorDA preprocessing (trl_recipes' side-by-side arm), imported on first use: its module imports
+    `attrs`, which peft does not declare, so importing it eagerly would make peft_ext fail to import without it."""
+    from peft.tuners.lora.corda import preprocess_corda as run
+
+    return run(*args, **kwargs)
 
 
 __all__ = [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -113,3 +115,12 @@ def test_functions_fit_in_a_reader_s_head():
                 long.append(f"{os.path.relpath(path, ROOT)}:{node.lineno} {node.name} "
                             f"({node.end_lineno - node.lineno + 1} lines)")
     assert not long, "functions over 60 lines:\n" + "\n".join(long)
+
+
+def test_packages_import_without_undeclared_modules():
+    """A fresh `pip install -e .` must run the default job: importing peft_ext and the recipes must not need a module
+    that only a test extra brings, such as `attr` (peft's own CorDA module imports it without declaring it)."""
+    code = ("import sys; sys.modules['attr'] = None; sys.modules['pytest'] = None; "
+            "import peft_ext, trl_recipes.sft, trl_recipes.evaluate, trl_recipes.peft_corda; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
