@@ -58,7 +58,10 @@ def verdict_text(rows) -> str:
             verdict = "below" if kl_i < kl_b else "not below"
             lines.append(f"- {label}, {method}: after init {kl_i:.3g} vs base {kl_b:.3g}: **{verdict}** the "
                          f"quantized base ({kl_i / kl_b:.2f}×)")
-    return "QPiSSA's promise (float route, after init vs fp32 below the quantized base's KL):\n\n" + "\n".join(lines)
+    return ("QPiSSA's promise (float route, after init vs fp32 below the quantized base's KL):\n\n" + "\n".join(lines)
+            + "\n\nWhy KPM gains least: it puts the r *smallest* components (of W·C) in the adapter, so the principal "
+            "part of each weight stays in the residual and is quantized as in the base; DuDe and IPM move the "
+            "principal part into the float adapter.")
 
 
 def main() -> None:
