@@ -52,10 +52,12 @@ def _check_destination(output_dir: str, overwrite: bool) -> None:
             f"writing there would replace it (a peft_ext adapter's init factors would be lost). Fix: choose an empty "
             f"or new directory, or pass overwrite=True."
         )
-    parent = os.path.dirname(os.path.abspath(output_dir))
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise NotADirectoryError(f"peft_ext.export_peft_adapter: output_dir={output_dir!r} is a file. Fix: a directory.")
-    if not os.access(parent if not os.path.isdir(output_dir) else output_dir, os.W_OK):
+    existing = os.path.abspath(output_dir)  # the folder the export will create its folders in
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
         raise PermissionError(f"peft_ext.export_peft_adapter: cannot write to {output_dir!r}. Fix: a writable path.")
 
 

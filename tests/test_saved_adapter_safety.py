@@ -52,6 +52,16 @@ def test_export_overwrite_replaces_every_adapter_file(tmp_path):
     assert rel_err(logits(plain, sample_input()), logits(pm, sample_input())) < 1e-4
 
 
+def test_export_creates_missing_parent_folders(tmp_path):
+    import peft_ext
+
+    pm, _ = saved_dude(tmp_path)
+    out = tmp_path / "new" / "nested" / "plain"
+    peft_ext.export_peft_adapter(pm, str(out))
+    plain = PeftModel.from_pretrained(make_tiny("llama"), str(out))
+    assert rel_err(logits(plain, sample_input()), logits(pm, sample_input())) < 1e-4
+
+
 def test_export_warns_when_vllm_cannot_serve_the_rank(tmp_path, monkeypatch):
     import peft_ext
     import peft_ext.export as export
