@@ -197,12 +197,7 @@ def write_residual_(base: torch.nn.Module, lora_A: torch.Tensor, lora_B: torch.T
     """The base layer's weight becomes the residual W − s·B0·A0: in place for a float weight (gathered and written
     by rank 0 under ZeRO-3), re-quantized in its own format for a bitsandbytes one (W then read again from the float
     checkpoint when `float_source` is given)."""
-    if get_bnb_param_type(base.weight):
-        source = float_weight(*float_source, method) if float_source else None
-        requantize_residual(base, lora_A, lora_B, scaling, source=source)
-        return
-    with gather_params_ctx(base.weight, modifier_rank=0):
-        subtract_init_product_(base.weight.data, lora_A, lora_B, scaling, fan_in_fan_out)
+    rebase_residual_(base, None, (lora_A, lora_B), scaling, fan_in_fan_out, float_source=float_source, method=method)
 
 
 def rebase_residual_(base: torch.nn.Module, old: Optional[tuple[torch.Tensor, torch.Tensor]],
@@ -213,15 +208,15 @@ def rebase_residual_(base: torch.nn.Module, old: Optional[tuple[torch.Tensor, to
     changed in place; a bitsandbytes one is re-quantized once (from the float checkpoint when `float_source` is set,
     so restoring it gives back the weight quantized from that checkpoint)."""
     if get_bnb_param_type(base.weight):
-        if float_source:
-            source = float_weight(*float_source, method)
-        else:
-            source = dequantized_weight(base).float()
-            if old is not None:
-                source = torch.addmm(source.to(old[1].device), old[1].float(), old[0].float(), alpha=scaling)
-        zero = (torch.zeros(0, source.shape[1]), torch.zeros(source.shape[0], 0))
-        lora_A, lora_B = new if new is not None else zero
-        requantize_residual(base, lora_A, lora_B, scaling, source=source)
+        # W: from the float checkpoint; else the dequantized weight, plus s·B_old·A_old (requantize_residual
+        # dequantizes the weight itself when the residual holds the original W)
+        source = float_weight(*float_source, method) if float_source else None
+        if source is None and old is not None:
+            source = torch.addmm(dequantized_weight(base).float().to(old[1].device), old[1].float(), old[0].float(),
+                                 alpha=scaling)
+        if new is None:  # the original weight back: nothing to subtract (old or the float checkpoint gave W)
+            new = (torch.zeros(0, source.shape[1]), torch.zeros(source.shape[0], 0))
+        requantize_residual(base, new[0], new[1], scaling, source=source)
         return
     with gather_params_ctx(base.weight, modifier_rank=0):
         if old is not None:

@@ -196,8 +196,8 @@ class PeftExtConfig(LoraConfig):
 
     def _check_lora_options(self, cls_name: str) -> None:
         """LoRA variants (every field peft marks `is_lora_variant`, and UNMARKED_VARIANTS, except use_dora) and
-        lora_bias would be ignored
-        by the residual-init layers, or would change the layer they rewrite: refused by name."""
+        lora_bias would be ignored by the residual-init layers, or would change the layer they rewrite: refused by
+        name."""
         for f in dataclasses.fields(LoraConfig):
             if f.name == "use_dora" or not (f.metadata.get("is_lora_variant") or f.name in UNMARKED_VARIANTS):
                 continue

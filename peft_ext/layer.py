@@ -46,6 +46,7 @@ class _InitState:
     creating: bool = True  # inside peft's update_layer: its set_adapter call is not the end of the injection
     float_source: Optional[tuple] = None  # (checkpoint, layer name, shape): quantized base decomposed from its float weight
     name: str = "<unnamed>"  # the layer's name in the model, for messages
+    method: str = ""  # the peft_ext method that created it, for messages (the config is dropped at commit)
     fingerprint: Optional[torch.Tensor] = None  # of the original base weight (`base_weight.weight_fingerprint`)
     check_base: bool = True  # refuse a state dict whose fingerprint is another base weight's
     applied: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A0, B0) the residual holds, once committed
@@ -139,7 +140,7 @@ class ResidualInitMixin:
             # ZeRO-3: every rank decomposed the same gathered weight; make the result identical by construction
             for t in (lora_A, lora_B, magnitude):
                 broadcast_(t, src=0)
-        return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source, name=name,
+        return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source, name=name, method=method,
                           fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base)
 
     def _init_factors(self, config, W: torch.Tensor, r: int, scaling: float, name: str):
@@ -181,13 +182,12 @@ class ResidualInitMixin:
 
     def _commit(self) -> None:
         """Replace the base weight by the residual for every pending adapter of this layer whose creation finished."""
-        for state in self.residual_init_states().values():
+        for adapter_name, state in self.residual_init_states().items():
             if not state.pending or state.creating:
                 continue
-            method = getattr(state.config, "peft_ext_method", "")
-            self._materialize(state)
+            self._materialize(adapter_name, state)
             write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out,
-                            float_source=state.float_source, method=method)
+                            float_source=state.float_source, method=state.method)
             state.applied = (state.lora_A.detach().clone(), state.lora_B.detach().clone())
             state.pending = False
             state.magnitude = None
@@ -197,21 +197,21 @@ class ResidualInitMixin:
                 runtime.injection = None  # this was the injection's last layer
                 config._injection_finished()
 
-    # --- the original weight where the residual-init adapter is not applied ---------------------------------------
-
-    def _materialize(self, state: _InitState) -> None:
+    def _materialize(self, adapter_name: str, state: _InitState) -> None:
         """`get_peft_model(..., low_cpu_mem_usage=True)` creates the adapter's parameters on the meta device (peft
         expects a state dict to fill them). A residual-init adapter's values are its init factors and magnitude,
-        computed anyway: they are put in place here, outside peft's empty-weights context."""
-        adapter_name = next(n for n, s in self.residual_init_states().items() if s is state)
+        computed anyway: they are swapped into those parameters here (a parameter assigned while peft's empty-weights
+        context is active would be sent to the meta device as well)."""
         magnitude = self.lora_magnitude_vector[adapter_name] if adapter_name in self.lora_magnitude_vector else None
         values = [(self.lora_A[adapter_name].weight, state.lora_A), (self.lora_B[adapter_name].weight, state.lora_B)]
         if magnitude is not None:
             values.append((magnitude.weight, state.magnitude))
         for param, value in values:
-            if param.is_meta:  # swapped in place: a parameter assigned now could still be sent to meta by the context
+            if param.is_meta:
                 torch.utils.swap_tensors(param, nn.Parameter(value.detach().to(param.dtype).clone(),
                                                              requires_grad=param.requires_grad))
+
+    # --- the original weight where the residual-init adapter is not applied ---------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if any(s.pending and not s.creating for s in self.residual_init_states().values()):
@@ -244,7 +244,7 @@ class ResidualInitMixin:
         state = self.residual_init_states().pop(adapter_name, None)
         if state is not None and state.applied is not None:
             rebase_residual_(self.get_base_layer(), state.applied, None, state.scaling, self.fan_in_fan_out,
-                             float_source=state.float_source, method=getattr(state.config, "peft_ext_method", ""))
+                             float_source=state.float_source, method=state.method)
 
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
                                            adapter_names: Optional[list[str]]) -> nn.Module:
@@ -300,7 +300,7 @@ class ResidualInitMixin:
                 )
             new = (A.detach().float().clone(), B.detach().float().clone())
             rebase_residual_(self.get_base_layer(), state.applied, new, state.scaling, self.fan_in_fan_out,
-                             float_source=state.float_source, method=getattr(state.config, "peft_ext_method", ""))
+                             float_source=state.float_source, method=state.method)
             state.applied = new
 
     def __repr__(self) -> str:
