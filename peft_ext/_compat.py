@@ -51,7 +51,7 @@ from peft.utils.integrations import (  # noqa: E402
     gather_params_ctx,
     get_bnb_param_type,
 )
-from peft.utils.other import transpose  # noqa: E402
+from peft.utils.other import get_pattern_key, transpose  # noqa: E402
 from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
@@ -80,6 +80,6 @@ def preprocess_corda(*args, **kwargs):
 __all__ = [
     "BaseTunerLayer", "BufferDict", "Conv1D", "DoraLinearLayer", "DoraLinearVariant", "LoraLayer", "LoraLinear",
     "LoraLinear4bit", "LoraLinear8bitLt", "PeftCordaConfig", "SUPPORTED_PEFT", "bnb", "check_target_module_exists",
-    "dequantize_bnb_weight", "dequantize_module_weight", "gather_params_ctx", "get_bnb_param_type",
+    "dequantize_bnb_weight", "dequantize_module_weight", "gather_params_ctx", "get_bnb_param_type", "get_pattern_key",
     "is_deepspeed_zero3_enabled", "maybe_include_all_linear_layers", "preprocess_corda", "transpose",
 ]

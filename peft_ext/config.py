@@ -130,6 +130,18 @@ class PeftExtConfig(LoraConfig):
         },
     )
 
+    shard_init: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "With torch.distributed initialised (DDP, DeepSpeed ZeRO), get_peft_model splits the decompositions "
+                "over the ranks, each computing about 1/world of them (balanced by cost), and broadcasts the results: "
+                "identical factors on every rank in less time. Every rank must then call get_peft_model, as TRL's "
+                "trainers do. False: every rank decomposes every layer on its own."
+            )
+        },
+    )
+
     peft_ext_runtime: InitRuntime = field(
         default_factory=InitRuntime, init=False, repr=False, compare=False,
         metadata={"help": "Run-time state (see InitRuntime); never saved."},
@@ -223,6 +235,10 @@ class PeftExtConfig(LoraConfig):
         """Method-specific: init factors (A0 of shape (r, in), B0 of shape (out, r), float32) for one target whose
         base weight is `weight` (out, in, float32). The residual becomes W − scaling·B0·A0."""
         raise TypeError(f"{type(self).__name__} does not define an initialisation; use DuDeConfig or CorDAConfig.")
+
+    def init_factors_ready(self, name: str) -> bool:
+        """Whether layer `name`'s init factors are already computed (then no sharded decomposition is needed)."""
+        return False
 
     def _injection_finished(self) -> None:
         """get_peft_model has committed every layer: drop what only the init needed."""

@@ -98,3 +98,27 @@ def gathered_forward(model: torch.nn.Module):
     finally:
         for h in handles:
             h.remove()
+
+
+def reduce_sum_to_(t: torch.Tensor, dst: int) -> torch.Tensor:
+    """Sum `t` over all ranks into rank `dst`'s copy, in place (the other ranks' copies are left undefined)."""
+    if dist_info()[1] > 1:
+        work, moved = _on_backend_device(t)
+        dist.reduce(work, dst=dst, op=dist.ReduceOp.SUM)
+        if moved and dist.get_rank() == dst:
+            t.copy_(work)
+    return t
+
+
+@contextmanager
+def gathered_module(module: torch.nn.Module):
+    """All of one module's ZeRO-3 partitioned parameters gathered on every rank for the duration (read only); a
+    no-op for other modules. A collective: every rank must enter it for the same module."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield

@@ -23,6 +23,7 @@ from .base_weight import (decomposable_weight, rebase_residual_, same_weight, we
                           write_residual_)
 from .distributed import broadcast_, dist_info
 from .injection import Injection
+from .sharded_init import decompose_deferred, shards_decomposition
 from .variants import PeftExtDoraVariant
 
 
@@ -50,6 +51,7 @@ class _InitState:
     fingerprint: Optional[torch.Tensor] = None  # of the original base weight (`base_weight.weight_fingerprint`)
     check_base: bool = True  # refuse a state dict whose fingerprint is another base weight's
     applied: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A0, B0) the residual holds, once committed
+    deferred: bool = False  # factors not computed yet: a sharded decomposition fills them at commit
 
 
 class ResidualInitMixin:
@@ -134,14 +136,40 @@ class ResidualInitMixin:
             scaling = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
             fingerprint = weight_fingerprint(W)
             check_stored_base(config, name, fingerprint)
-            lora_A, lora_B = self._init_factors(config, W, r, scaling, name)
+            deferred = shards_decomposition(config, name)
+            if deferred:  # filled at commit by `sharded_init.decompose_deferred`, each rank computing its share
+                lora_A = torch.zeros(r, in_features, device=W.device)
+                lora_B = torch.zeros(out_features, r, device=W.device)
+            else:
+                lora_A, lora_B = self._init_factors(config, W, r, scaling, name)
             magnitude = torch.linalg.vector_norm(W, dim=1)
         if hasattr(base.weight, "ds_id") and dist_info()[1] > 1:
-            # ZeRO-3: every rank decomposed the same gathered weight; make the result identical by construction
-            for t in (lora_A, lora_B, magnitude):
+            # ZeRO-3: every rank read the same gathered weight; make the result identical by construction
+            for t in (magnitude,) if deferred else (lora_A, lora_B, magnitude):
                 broadcast_(t, src=0)
         return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source, name=name, method=method,
-                          fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base)
+                          fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base, deferred=deferred)
+
+    def decompose(self, state: _InitState) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A0, B0) of a deferred adapter: its weight read again (gathered by the caller under ZeRO-3) and the
+        method's decomposition."""
+        W, _ = decomposable_weight(self.get_base_layer(), self.fan_in_fan_out, name=state.name, method=state.method,
+                                   float_weights_path=state.config.float_weights_path)
+        return self._init_factors(state.config, W, state.lora_A.shape[0], state.scaling, state.name)
+
+    @torch.no_grad()
+    def fill_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """A deferred adapter receives its factors: the init state, the init buffers and the trainable factors
+        (unless they are still empty meta parameters, which `_materialize` fills at commit)."""
+        state = self.residual_init_states()[adapter_name]
+        state.lora_A.copy_(lora_A)
+        state.lora_B.copy_(lora_B)
+        state.deferred = False
+        targets = [self.lora_init_A[adapter_name], self.lora_init_B[adapter_name],
+                   self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
+        for target, value in zip(targets, (lora_A, lora_B) * 2):
+            if not target.is_meta:
+                target.copy_(value)
 
     def _init_factors(self, config, W: torch.Tensor, r: int, scaling: float, name: str):
         """(A0, B0), contiguous float32: the saved ones when the adapter is being reloaded, else the method's."""
@@ -185,6 +213,8 @@ class ResidualInitMixin:
         for adapter_name, state in self.residual_init_states().items():
             if not state.pending or state.creating:
                 continue
+            if state.deferred:  # the first commit of a sharded injection decomposes every layer of it
+                decompose_deferred(state.config.peft_ext_runtime, state.method)
             self._materialize(adapter_name, state)
             write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out,
                             float_source=state.float_source, method=state.method)

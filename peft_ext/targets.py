@@ -4,10 +4,11 @@ progress totals)."""
 from __future__ import annotations
 
 import copy
+import math
 
 from torch import nn
 
-from ._compat import Conv1D, check_target_module_exists, maybe_include_all_linear_layers
+from ._compat import Conv1D, check_target_module_exists, get_pattern_key, maybe_include_all_linear_layers
 
 
 def target_module_names(model: nn.Module, config) -> list[str]:
@@ -25,3 +26,11 @@ def expect_targets(model: nn.Module, config) -> int:
     n = len(target_module_names(model, config))
     config.peft_ext_runtime.expected_layers = n
     return n
+
+
+def rank_and_scaling(config, name: str) -> tuple[int, float]:
+    """(r, scaling) that get_peft_model gives layer `name`: rank_pattern / alpha_pattern as peft's LoraModel matches
+    them, then alpha / r (alpha / sqrt(r) with use_rslora)."""
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)

@@ -19,22 +19,24 @@ from .helpers import (ARCHS, VOCAB, assert_same_state, corda, logits, make_tiny,
                       rel_err, rows_to_batches, run_plain_peft, sample_input, state_snapshot, token_batches)
 
 
-def calibrated(arch="llama", method="ipm", batches=None, dtype=torch.float32, **cfg):
+def calibrated(arch="llama", method="ipm", batches=None, dtype=torch.float32, sequential=False, **cfg):
+    """Whole-model by default (these tests read the covariances, which block-by-block calibration frees)."""
     model = make_tiny(arch)
     config = corda(corda_method=method, **cfg)
-    calibrate(model, config, batches or token_batches(), covariance_dtype=dtype, verbose=False)
+    calibrate(model, config, batches or token_batches(), covariance_dtype=dtype, sequential=sequential, verbose=False)
     return model, config
 
 
 # --- init -----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sequential", [False, True], ids=["whole-model", "sequential"])
 @pytest.mark.parametrize("method", ["kpm", "ipm"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_init_preserves_logits(arch, method):
+def test_init_preserves_logits(arch, method, sequential):
     x = sample_input()
     ref = logits(make_tiny(arch), x)
-    model, config = calibrated(arch, method)
+    model, config = calibrated(arch, method, sequential=sequential)
     peft_model = get_peft_model(model, config)
     assert len(peft_ext_layers(peft_model)) > 0
     assert rel_err(logits(peft_model, x), ref) <= 1e-5
@@ -143,7 +145,7 @@ def test_batch_size_does_not_change_the_adapter():
     for bs, pad in ((1, 0), (4, 0), (4, 7)):  # padding id must not matter either
         model = make_tiny("llama")
         config = corda(corda_method="kpm")
-        calib = calibrate(model, config, rows_to_batches(rows, bs, pad), verbose=False)
+        calib = calibrate(model, config, rows_to_batches(rows, bs, pad), sequential=False, verbose=False)
         covs = {n: calib.group(n).covariance.clone() for n in calib.targets}
         layers = peft_ext_layers(get_peft_model(model, config))
         results.append((covs, {n: l.lora_B["default"].weight @ l.lora_A["default"].weight for n, l in layers.items()}))
@@ -167,7 +169,7 @@ def test_covariance_is_mean_outer_product_over_real_tokens():
     h.remove()
     rows = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double()
     expected = rows.T @ rows / rows.shape[0]
-    calib = calibrate(model, corda(), batches, verbose=False)
+    calib = calibrate(model, corda(), batches, sequential=False, verbose=False)
     torch.testing.assert_close(calib.group("model.layers.1.self_attn.q_proj").covariance.double(), expected,
                                rtol=1e-5, atol=1e-6)
     assert calib.tokens == int(sum(b["attention_mask"].sum() for b in batches))
@@ -248,26 +250,26 @@ def test_cache_roundtrip_and_refusals(tmp_path):
     cache = str(tmp_path / "cov.safetensors")
     batches = token_batches()
     model = make_tiny("llama")
-    first = calibrate(model, corda(), batches, cache_file=cache, verbose=False)
+    first = calibrate(model, corda(), batches, cache_file=cache, sequential=False, verbose=False)
     assert first.source == "computed" and os.path.exists(cache)
     config = corda()
-    again = calibrate(model, config, batches, cache_file=cache, verbose=False)
+    again = calibrate(model, config, batches, cache_file=cache, sequential=False, verbose=False)
     assert again.source == cache
     for g1, g2 in zip(first.groups, again.groups):
         assert g1.members == g2.members and torch.equal(g1.covariance, g2.covariance)
     # different data, different model weights, different targets: refused, naming what differs
     with pytest.raises(ValueError, match="different data"):
-        calibrate(model, corda(), token_batches(seed=9), cache_file=cache, verbose=False)
+        calibrate(model, corda(), token_batches(seed=9), cache_file=cache, sequential=False, verbose=False)
     with pytest.raises(ValueError, match="different model"):
-        calibrate(make_tiny("llama", seed=4), corda(), batches, cache_file=cache, verbose=False)
+        calibrate(make_tiny("llama", seed=4), corda(), batches, cache_file=cache, sequential=False, verbose=False)
     with pytest.raises(ValueError, match="targets"):
-        calibrate(model, corda(target_modules=["q_proj"]), batches, cache_file=cache, verbose=False)
+        calibrate(model, corda(target_modules=["q_proj"]), batches, cache_file=cache, sequential=False, verbose=False)
     # a corrupt file is refused, not used
     with open(cache, "r+b") as f:
         f.seek(20)
         f.write(b"\x00garbage\xff" * 8)
     with pytest.raises(ValueError, match="unreadable"):
-        calibrate(model, corda(), batches, cache_file=cache, verbose=False)
+        calibrate(model, corda(), batches, cache_file=cache, sequential=False, verbose=False)
     not_ours = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
@@ -304,7 +306,7 @@ def fake_prepare(data, tokenizer, **kw):
     return "rows", rows
 import peft_ext.corda.calibration as C
 C.prepare_calibration_data = fake_prepare
-calib = calibrate(make_tiny("llama"), corda(), rows, tokenizer=Tok(), batch_size=3, verbose=False)
+calib = calibrate(make_tiny("llama"), corda(), rows, tokenizer=Tok(), batch_size=3, sequential=False, verbose=False)
 if rank == 0:
     torch.save({n: calib.group(n).covariance for n in calib.targets} | {"tokens": calib.tokens}, sys.argv[5])
 if world > 1:
@@ -404,7 +406,10 @@ def test_rank_too_large_leaves_model_untouched_and_calibration_reusable():
     x = sample_input()
     ref, before = logits(model, x), state_snapshot(model)
     config = corda(r=40, lora_alpha=40)
-    calibrate(model, config, token_batches(), verbose=False)
+    with pytest.raises(ValueError, match=r"r=40 .*k_proj.*rank_pattern"):  # block by block: before any forward
+        calibrate(model, config, token_batches(), verbose=False)
+    assert_same_state(before, model)
+    calibrate(model, config, token_batches(), sequential=False, verbose=False)
     with pytest.raises(ValueError, match=r"r=40 .*k_proj"):
         get_peft_model(model, config)
     assert_same_state(before, model)

@@ -1,17 +1,23 @@
 """CorDA calibration: the input covariance C = Σ x xᵀ / n of every target layer, over real tokens only.
 
-    calibration data ─▶ rows of token ids ─▶ right-padded batches ─▶ forward pass with pre-hooks on the targets
-        ─▶ one covariance per *distinct* input (q/k/v share one, gate/up share one) ─▶ all-reduce across ranks
-        ─▶ Calibration (kept on the config until get_peft_model consumes it; optionally cached as safetensors)
+    calibration data ─▶ rows of token ids ─▶ right-padded batches (this rank's shard) ─▶ one of:
+      block by block (`sequential`, the default for decoder models): one block at a time, each block's covariances
+        decomposed at once and freed ─▶ Calibration holding the init factors
+      whole-model: one forward pass with pre-hooks on every target ─▶ all-reduce ─▶ Calibration holding every
+        covariance (decomposed by get_peft_model; optionally cached as safetensors)
+
+This module prepares the data, fingerprints it and runs the whole-model path; `covariance` holds the collector both
+paths share, `sequential` and `blocks` the block-by-block path, `cache` both cache formats.
 
 Differences from peft's `preprocess_corda`, each deliberate:
 * padded positions never enter (the attention mask selects the rows), so batches > 1 work and batch size does not
   change the result; no per-sample rescaling (peft divides each sample by its signed maximum, which changes the
   decomposition, not just its scale) — C is the plain second moment divided by the token count;
 * layers that read the same tensor share one accumulation and one copy in memory;
-* the forward stops right after the last target has seen its input (no lm_head, no logits);
-* with torch.distributed initialised each rank calibrates its own shard and the sums are all-reduced;
-* the cache is a safetensors file with a fingerprint (never pickle), refused when it does not match.
+* whole-model: the forward stops right after the last target has seen its input (no lm_head, no logits);
+* with torch.distributed initialised each rank calibrates its own shard and the sums are reduced;
+* the cache is safetensors with a fingerprint (never pickle), refused when it does not match;
+* block by block, peak extra memory is one block's covariances, not the model's.
 """
 
 from __future__ import annotations
@@ -20,98 +26,27 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
-import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
 from .._compat import BaseTunerLayer, gather_params_ctx
 from ..base_weight import no_cpu_repacking
-from ..distributed import all_reduce_max, all_reduce_sum, barrier, dist_info, gathered_forward, is_zero3_partitioned
+from ..distributed import all_reduce_max, barrier, dist_info, gathered_forward, is_zero3_partitioned
 from ..jsonl import read_jsonl
 from ..targets import target_module_names
+from .blocks import blocks_for_targets
+from .cache import check_cache_destination, load_cache, save_cache
 from .config import CorDAConfig
-from .decomposition import damped_cholesky
+from .covariance import Calibration, Collector, StopForward, after_first_forward, diagnose, reduced_groups
+from .sequential import calibrate_sequential
 
 
-CACHE_FORMAT = "peft_ext-corda-covariance-v1"
 TEXT_FIELDS = ("messages", "text", "prompt", "question", "instruction", "input")
-
-
-@dataclass
-class CovarianceGroup:
-    """The covariance of one distinct input and the target layers that read it (in execution order)."""
-
-    members: list[str]
-    covariance: Optional[torch.Tensor] = None  # (d, d), Σ x xᵀ / tokens
-    tokens: int = 0
-    positive_definite: Optional[bool] = None  # C itself (undamped) is positive definite, i.e. of full rank
-    condition_estimate: Optional[float] = None  # (max/min diagonal of C's Cholesky factor)², a lower bound of cond(C)
-    _sum: Optional[torch.Tensor] = field(default=None, repr=False)
-    _current: Any = field(default=None, repr=False)  # weakref to this batch's input
-    _chol: dict = field(default_factory=dict, repr=False)
-    _decomposed: set = field(default_factory=set, repr=False)
-
-    @property
-    def dim(self) -> int:
-        return self.covariance.shape[0]
-
-    def cholesky(self, damping: float, device: torch.device) -> tuple[torch.Tensor, float]:
-        """(L, shift) of the damped covariance, computed once per group (shared by q/k/v, gate/up, ...)."""
-        key = (damping, str(device))
-        if key not in self._chol:
-            self._chol = {key: damped_cholesky(self.covariance.to(device), damping, name=self.members[0])}
-        return self._chol[key]
-
-    def mark_decomposed(self, name: str) -> None:
-        self._decomposed.add(name)
-        if self._decomposed >= set(self.members):
-            self._chol.clear()  # recomputed on demand if get_peft_model is retried after an error
-
-
-class Calibration:
-    """Result of `calibrate`: covariance groups by target layer, plus what they were computed from."""
-
-    def __init__(self, groups: list[CovarianceGroup], fingerprint: dict, source: str):
-        self.groups = groups
-        self.fingerprint = fingerprint
-        self.source = source  # "computed" or the cache file it was read from
-        self._by_name = {m: g for g in groups for m in g.members}
-
-    def group(self, name: str) -> Optional[CovarianceGroup]:
-        return self._by_name.get(name)
-
-    @property
-    def targets(self) -> list[str]:
-        return list(self._by_name)
-
-    @property
-    def tokens(self) -> int:
-        return self.groups[0].tokens if self.groups else 0
-
-    def summary(self, limit: Optional[int] = 8) -> str:
-        lines = [
-            f"CorDA calibration ({self.source}): {self.tokens:,} tokens, {len(self.groups)} covariances for "
-            f"{len(self._by_name)} layers",
-            f"  {'input of':<48} {'layers':>6} {'dim':>5} {'full rank':>9} {'cond.≈':>9}",
-        ]
-        worst = sorted(self.groups, key=lambda g: -(g.condition_estimate or float("inf")))
-        for g in worst[:limit] if limit else worst:
-            cond = f"{g.condition_estimate:.2e}" if g.condition_estimate is not None else "inf"
-            lines.append(f"  {g.members[0]:<48} {len(g.members):>6} {g.dim:>5} {str(g.positive_definite):>9} {cond:>9}")
-        if limit and len(self.groups) > limit:
-            lines.append(f"  ... {len(self.groups) - limit} more (Calibration.summary(limit=None) lists all)")
-        return "\n".join(lines)
-
-    def to_config_record(self) -> dict:
-        return {"tokens": self.tokens, "covariances": len(self.groups), "layers": len(self._by_name),
-                **{k: v for k, v in self.fingerprint.items() if k != "targets"}}
-
 
 # --- data -------------------------------------------------------------------------------------------------------
 
@@ -253,195 +188,12 @@ def data_fingerprint(kind: str, items) -> str:
     return _sha256_tensors(t for b in items for t in (b["input_ids"], b["attention_mask"]))
 
 
-# --- cache --------------------------------------------------------------------------------------------------------
-
-
-def _save_cache(path: str, calib: Calibration) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {f"covariance.{i}": g.covariance.contiguous().cpu() for i, g in enumerate(calib.groups)}
-    meta = {
-        "format": CACHE_FORMAT,
-        "fingerprint": json.dumps(calib.fingerprint, sort_keys=True),
-        "groups": json.dumps([g.members for g in calib.groups]),
-        "tokens": json.dumps([g.tokens for g in calib.groups]),
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def _check_cache_destination(path: Optional[str]) -> None:
-    """A cache file that will be written must be writable: found out before the calibration, not after it (its work
-    would be lost). The check writes and removes a probe file beside it."""
-    if path is None or os.path.exists(path):
-        if path is not None and os.path.isdir(path):
-            raise ValueError(f"peft_ext.calibrate: cache_file={path!r} is a directory. Fix: a .safetensors file path.")
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".peft_ext_probe-"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"peft_ext.calibrate: cache_file={path!r} cannot be written ({exc.strerror or exc}). Fix: a "
-                         f"path in a writable folder, or cache_file=None.") from None
-
-
-def _load_cache(path: str, expected: dict) -> Calibration:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != CACHE_FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}")
-            fingerprint = json.loads(meta["fingerprint"])
-            groups = json.loads(meta["groups"])
-            tokens = json.loads(meta["tokens"])
-            covariances = [f.get_tensor(f"covariance.{i}") for i in range(len(groups))]
-    except Exception as exc:
-        raise ValueError(
-            f"peft_ext.calibrate: the covariance cache '{path}' is unreadable or not a peft_ext CorDA cache ({exc}). "
-            f"Fix: delete it (it is rebuilt on the next run) or pass another cache_file."
-        ) from exc
-    differing = sorted(k for k in set(expected) | set(fingerprint) if expected.get(k) != fingerprint.get(k))
-    if differing:
-        raise ValueError(
-            f"peft_ext.calibrate: the covariance cache '{path}' was built for a different "
-            f"{', '.join(differing)} (cached {[fingerprint.get(k) for k in differing if k != 'targets']}, "
-            f"now {[expected.get(k) for k in differing if k != 'targets']}). It is not used. Fix: delete it to "
-            f"rebuild, or pass another cache_file."
-        )
-    out = []
-    for members, n, cov in zip(groups, tokens, covariances):
-        if cov.shape[0] != cov.shape[1] or not torch.isfinite(cov).all():
-            raise ValueError(f"peft_ext.calibrate: the covariance cache '{path}' is damaged ({members[0]}). Fix: delete it.")
-        out.append(CovarianceGroup(members=members, covariance=cov, tokens=n))
-    return Calibration(out, fingerprint, source=path)
-
-
-# --- the engine ---------------------------------------------------------------------------------------------------
-
-
-SYM_BLOCK = 128
-
-
-def accumulate_upper_(acc: torch.Tensor, rows: torch.Tensor, block: int = SYM_BLOCK) -> None:
-    """acc += rowsᵀ·rows on and above the diagonal blocks only (about half the FLOPs of a full product; the lower
-    triangle is filled in by `symmetrize`)."""
-    d = rows.shape[1]
-    for i in range(0, d, block):
-        acc[i : i + block, i:].addmm_(rows[:, i : i + block].mT, rows[:, i:])
-
-
-def symmetrize(acc: torch.Tensor, block: int = SYM_BLOCK) -> torch.Tensor:
-    """The full symmetric matrix from what `accumulate_upper_` filled (block upper triangle)."""
-    d = acc.shape[0]
-    for i in range(0, d, block):
-        acc[i + block :, i : i + block] = acc[i : i + block, i + block :].mT
-        diag = acc[i : i + block, i : i + block]
-        diag.copy_(diag.triu() + diag.triu(1).mT)
-    return acc
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the last target: nothing after it is needed."""
-
-
-class _Collector:
-    def __init__(self, names: list[str], dtype: torch.dtype):
-        self.names = set(names)
-        self.dtype = dtype
-        self.order: list[str] = []  # call order in the first batch
-        self.group_of: dict[str, CovarianceGroup] = {}
-        self.groups: list[CovarianceGroup] = []
-        self.first = True
-        self.mask: Optional[torch.Tensor] = None
-        self.batch_index = 0
-        self.stop_after: Optional[str] = None
-        self.early_exit = False
-        self.no_padding = False
-
-    def hook(self, name: str):
-        def pre_hook(module, args, kwargs):
-            self.observe(name, args[0] if args else next(iter(kwargs.values())))
-
-        return pre_hook
-
-    def observe(self, name: str, x: torch.Tensor) -> None:
-        if self.first:
-            if name in self.group_of:
-                raise ValueError(f"peft_ext.calibrate: layer '{name}' ran twice in one forward pass (a shared/reused "
-                                 f"module); its input covariance is ambiguous. Fix: leave it out of target_modules.")
-            self.order.append(name)
-            group = next((g for g in self.groups if g._current is not None and g._current() is x), None)
-            if group is None:
-                group = CovarianceGroup(members=[])
-                self.groups.append(group)
-                self._accumulate(group, x, name)
-                group._current = weakref.ref(x)
-            group.members.append(name)
-            self.group_of[name] = group
-        else:
-            group = self.group_of.get(name)
-            if group is None:
-                raise RuntimeError(f"peft_ext.calibrate: layer '{name}' ran in batch {self.batch_index} but not in the "
-                                   f"first batch; the model's control flow depends on the data.")
-            if group.members[0] == name:
-                self._accumulate(group, x, name)
-                group._current = weakref.ref(x)
-            elif group._current is None or group._current() is not x:
-                raise RuntimeError(
-                    f"peft_ext.calibrate: layer '{name}' shared its input with '{group.members[0]}' in the first batch "
-                    f"but not in batch {self.batch_index}. Fix: calibrate in eval mode without data-dependent routing."
-                )
-        if name == self.stop_after or (self.first and self.early_exit and len(self.order) == len(self.names)):
-            raise _StopForward
-
-    def _accumulate(self, group: CovarianceGroup, x: torch.Tensor, name: str) -> None:
-        mask = self.mask
-        if self.no_padding and x.shape[:-1] == mask.shape:
-            rows = x.reshape(-1, x.shape[-1])  # a view: nothing to leave out
-        elif x.shape[:-1] == mask.shape:
-            rows = x[mask]
-        elif x.dim() == 2 and x.shape[0] == mask.numel():
-            rows = x[mask.reshape(-1)]
-        else:
-            raise ValueError(
-                f"peft_ext.calibrate: layer '{name}' receives input of shape {tuple(x.shape)}, which does not line up "
-                f"with the attention mask {tuple(mask.shape)}, so padded positions cannot be left out. Fix: leave this "
-                f"layer out of target_modules."
-            )
-        rows = rows.to(self.dtype)
-        if not torch.isfinite(rows.sum()):
-            raise ValueError(
-                f"peft_ext.calibrate: layer '{name}' received NaN/Inf activations in calibration batch "
-                f"{self.batch_index}. Fix: check that batch's data and the model's dtype (fp16 overflow); calibrate "
-                f"in float32/bfloat16."
-            )
-        if group._sum is None:
-            group._sum = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=x.device)
-        accumulate_upper_(group._sum, rows)
-        group.tokens += rows.shape[0]
-
-
-def _diagnose(group: CovarianceGroup) -> None:
-    """Rank and conditioning of C itself for the summary. The factor is not kept: holding one per group would double
-    the calibration's memory; the decomposition factors the damped matrix once per group."""
-    L, info = torch.linalg.cholesky_ex(group.covariance)
-    group.positive_definite = group.tokens >= group.dim and int(info) == 0
-    if group.positive_definite:
-        d = L.diagonal()
-        group.condition_estimate = float((d.max() / d.min()) ** 2)
-
-
 @torch.no_grad()
 def calibrate(
     model: nn.Module, config, data, *, tokenizer=None, num_samples: int = 256, max_length: int = 256,
     batch_size: int = 8, seed: int = 0, text_field=None, covariance_dtype: torch.dtype = torch.float32,
-    cache_file: Optional[str] = None, shard: Optional[bool] = None, verbose: bool = True,
+    cache_file: Optional[str] = None, shard: Optional[bool] = None, sequential: Optional[bool] = None,
+    hidden_states_device: Optional[Union[str, torch.device]] = None, verbose: bool = True,
 ) -> Calibration:
     """Collect each target layer's input covariance for CorDA; call it on the base model, then get_peft_model.
 
@@ -456,16 +208,51 @@ def calibrate(
             tokens per sample (truncation). batch_size: samples per forward (padded positions are masked out).
         covariance_dtype: torch.float32 (default) or torch.float64 accumulation; float64 also makes the
             decomposition run in float64.
-        cache_file: a .safetensors path: read if it exists (refused when built for another model, target set or
-            data), written otherwise.
+        cache_file: whole-model: a .safetensors path, read if it exists (refused when built for another model,
+            target set or data), written otherwise. Block by block: a folder of per-block files, so that an
+            interrupted calibration restarts at the first unfinished block (a whole-model cache file at that path
+            is read as it is).
         shard: under torch.distributed each rank takes every world_size-th sample (default for texts and records;
-            made batches count as sharded already); the sums are all-reduced.
+            made batches count as sharded already); the sums are reduced over the ranks.
+        sequential: block by block (`peft_ext.corda.sequential`): each block's covariances are decomposed at once
+            (sharded over the ranks) and freed, so the config must not change before get_peft_model. None (default):
+            wherever decoder blocks hold every target; True: that, or an error; False: one whole-model pass.
+        hidden_states_device: block by block: where cached hidden states are kept (e.g. "cpu"); default: the model's.
     """
     names = _check_arguments(model, config, covariance_dtype, num_samples, max_length, batch_size)
-    _check_cache_destination(cache_file)
+    blocks = blocks_for_targets(model, names, sequential)
+    check_cache_destination(cache_file, sequential=blocks is not None)
     kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
                                            seed=seed, text_field=text_field)
-    fingerprint = {
+    fingerprint = calibration_fingerprint(model, names, kind, items, max_length, covariance_dtype)
+    rank, world = dist_info()
+    if cache_file is not None and os.path.isfile(cache_file):  # a whole-model cache, in either mode
+        calib = load_cache(cache_file, fingerprint)
+        for g in calib.groups:
+            diagnose(g)
+        return _attach(config, calib, verbose and rank == 0)
+
+    batches = _rank_batches(kind, items, tokenizer, batch_size, shard)
+    if blocks is not None:
+        hidden_device = torch.device(hidden_states_device) if hidden_states_device else None
+        calib = calibrate_sequential(model, config, blocks, batches, fingerprint=fingerprint, cache_dir=cache_file,
+                                     covariance_dtype=covariance_dtype, hidden_device=hidden_device,
+                                     verbose=verbose and rank == 0)
+        barrier()
+        return _attach(config, calib, verbose and rank == 0)
+    collector = Collector(names, covariance_dtype)
+    _run_forwards(model, names, batches, collector, verbose=verbose and rank == 0)
+    calib = Calibration(reduced_groups(collector.groups, world), fingerprint, source="computed")
+    if cache_file is not None:
+        if rank == 0:
+            save_cache(cache_file, calib)
+        barrier()
+    return _attach(config, calib, verbose and rank == 0)
+
+
+def calibration_fingerprint(model, names: list[str], kind: str, items, max_length: int, covariance_dtype) -> dict:
+    """What a cache must have been built from: model weights, targets, data and accumulation settings."""
+    return {
         "model": model_fingerprint(model, names),
         "targets": names,
         "data": data_fingerprint(kind, items),
@@ -473,22 +260,6 @@ def calibrate(
         "max_length": max_length,
         "covariance_dtype": str(covariance_dtype).removeprefix("torch."),
     }
-    rank, world = dist_info()
-    if cache_file is not None and os.path.exists(cache_file):
-        calib = _load_cache(cache_file, fingerprint)
-        for g in calib.groups:
-            _diagnose(g)
-        return _attach(config, calib, verbose and rank == 0)
-
-    batches = _rank_batches(kind, items, tokenizer, batch_size, shard)
-    collector = _Collector(names, covariance_dtype)
-    _run_forwards(model, names, batches, collector, verbose=verbose and rank == 0)
-    calib = Calibration(_reduced_groups(collector.groups, world), fingerprint, source="computed")
-    if cache_file is not None:
-        if rank == 0:
-            _save_cache(cache_file, calib)
-        barrier()
-    return _attach(config, calib, verbose and rank == 0)
 
 
 def _check_arguments(model, config, covariance_dtype, num_samples: int, max_length: int, batch_size: int) -> list[str]:
@@ -555,42 +326,14 @@ def _run_forwards(model: nn.Module, names: list[str], batches: list[dict], colle
                 try:
                     model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                           **extra)
-                except _StopForward:
+                except StopForward:
                     pass
                 if collector.first:
-                    _after_first_forward(collector, names)
+                    after_first_forward(collector, names)
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
-
-
-def _after_first_forward(collector, names: list[str]) -> None:
-    """Every target must have run; later forwards can stop after the last target."""
-    collector.first = False
-    missing = sorted(set(names) - set(collector.order))
-    if missing:
-        raise ValueError(f"peft_ext.calibrate: target layer '{missing[0]}' (and {len(missing) - 1} more) "
-                         f"never ran in the forward pass, so it has no input covariance. Fix: leave it out "
-                         f"of target_modules.")
-    if collector.early_exit:
-        collector.stop_after = collector.order[-1]
-
-
-def _reduced_groups(groups: list, world: int) -> list:
-    """Sums all-reduced over the ranks, divided by the token counts: the covariances."""
-    if world > 1:  # every group's sum exists: the first batch creates it, even from zero real tokens
-        for g in groups:
-            all_reduce_sum(g._sum)
-            g.tokens = int(all_reduce_sum(torch.tensor([float(g.tokens)], dtype=torch.float64)).item())
-    for g in groups:
-        if g.tokens == 0:
-            raise ValueError("peft_ext.calibrate: the calibration data holds no real (unpadded) token. Fix: check the "
-                             "data and its attention masks.")
-        g.covariance = symmetrize(g._sum).div_(g.tokens)
-        g._sum = g._current = None
-        _diagnose(g)
-    return groups
 
 
 def _attach(config, calib: Calibration, verbose: bool) -> Calibration:

@@ -9,7 +9,11 @@ import torch
 from torch import nn
 
 from ..config import PeftExtConfig
-from .decomposition import corda_factors
+from .decomposition import decompose_member
+
+
+DECOMPOSITION_FIELDS = ("corda_method", "corda_damping", "corda_balance_factors", "svd_niter", "svd_oversample",
+                        "svd_seed", "float_weights_path")
 
 
 @dataclass
@@ -88,17 +92,36 @@ class CorDAConfig(PeftExtConfig):
                 f"peft_ext corda: layer '{name}' was not calibrated (the calibration covers {len(calib.targets)} other "
                 f"layers). Fix: calibrate with the same target_modules that get_peft_model uses."
             )
-        if group.dim != weight.shape[1]:
+        ready = calib.factors.get(name)
+        if ready is not None:  # decomposed block by block during the calibration
+            return self._checked_ready_factors(name, ready, r, scaling, calib.settings)
+        return decompose_member(group, weight, r=r, scaling=scaling, settings=self.decomposition_settings(),
+                                name=name)
+
+    def decomposition_settings(self) -> dict:
+        """The fields the decomposition depends on (besides each layer's r and scaling)."""
+        return {k: getattr(self, k) for k in DECOMPOSITION_FIELDS}
+
+    def init_factors_ready(self, name: str) -> bool:
+        calib = self.peft_ext_runtime.calibration
+        return calib is not None and name in calib.factors
+
+    def _checked_ready_factors(self, name: str, ready: tuple, r: int, scaling: float, settings: dict):
+        """Factors computed during a block-by-block calibration, refused when the config changed since."""
+        changed = {k: (v, getattr(self, k)) for k, v in settings.items() if getattr(self, k) != v}
+        if ready[2] != r:
+            changed["r (this layer)"] = (ready[2], r)
+        if abs(ready[3] - scaling) > 1e-12 * abs(scaling):
+            changed["lora_alpha scaling (this layer)"] = (ready[3], scaling)
+        if changed:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
-                f"peft_ext corda: the covariance for layer '{name}' is {group.dim}-dimensional but the layer has "
-                f"in_features={weight.shape[1]}. Fix: calibrate this model again."
+                f"peft_ext corda: layer '{name}' was decomposed during a block-by-block calibration, and the config "
+                f"changed since ({what}). Fix: call peft_ext.calibrate again with the final config (with a cache_file "
+                f"the covariances are not recomputed), or calibrate(..., sequential=False) to decompose in "
+                f"get_peft_model."
             )
-        chol, shift = group.cholesky(self.corda_damping, weight.device)
-        A0, B0 = corda_factors(weight, group.covariance.to(weight.device), chol, shift, r=r, scaling=scaling,
-                               method=self.corda_method, niter=self.svd_niter, oversample=self.svd_oversample,
-                               seed=self.svd_seed, balance=self.corda_balance_factors)
-        group.mark_decomposed(name)  # frees the Cholesky factor once every layer reading this input is done
-        return A0.float(), B0.float()
+        return ready[0].clone(), ready[1].clone()
 
     def _injection_finished(self) -> None:
         super()._injection_finished()

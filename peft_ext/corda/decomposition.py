@@ -117,3 +117,21 @@ def selected_svd(M: torch.Tensor, r: int, *, largest: bool) -> tuple[torch.Tenso
     other = other / torch.where(S > 0, S, torch.ones_like(S))
     U, V = (other, side) if tall else (side, other)
     return U.to(M.dtype), S.to(M.dtype), V.mT.to(M.dtype)
+
+
+def decompose_member(group, weight: torch.Tensor, *, r: int, scaling: float, settings: dict,
+                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) in float32 for layer `name` (weight `weight`, float32 (out, in)) of a covariance group, with the CorDA
+    `settings` of its config (`CorDAConfig.decomposition_settings`)."""
+    if group.dim != weight.shape[1]:
+        raise ValueError(
+            f"peft_ext corda: the covariance for layer '{name}' is {group.dim}-dimensional but the layer has "
+            f"in_features={weight.shape[1]}. Fix: calibrate this model again."
+        )
+    chol, shift = group.cholesky(settings["corda_damping"], weight.device)
+    A0, B0 = corda_factors(weight, group.covariance.to(weight.device), chol, shift, r=r, scaling=scaling,
+                           method=settings["corda_method"], niter=settings["svd_niter"],
+                           oversample=settings["svd_oversample"], seed=settings["svd_seed"],
+                           balance=settings["corda_balance_factors"])
+    group.mark_decomposed(name)  # frees the Cholesky factor once every layer reading this input is done
+    return A0.float(), B0.float()

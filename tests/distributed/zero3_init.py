@@ -26,7 +26,8 @@ def build(method, model, calibration_batches):
         config = CorDAConfig(r=4, lora_alpha=8, target_modules=targets, corda_method=method.split("-")[1])
         # float64 sums: 2 shards all-reduced and 1 pass over all of it then differ by less than 1e-6 even in KPM's
         # smallest components, which amplify the float32 rounding of a different summation order to ~2e-6
-        calib = calibrate(model, config, calibration_batches, covariance_dtype=torch.float64, verbose=False)
+        calib = calibrate(model, config, calibration_batches, covariance_dtype=torch.float64, sequential=False,
+                          verbose=False)
         covariances = {n: calib.group(n).covariance.clone() for n in calib.targets}
     return get_peft_model(model, config), covariances
 
