@@ -86,7 +86,7 @@ def worker(kind: str, mode: str, data_dir: str, n: int, max_length: int, batch_s
         config = CorDAConfig(r=16, lora_alpha=16, target_modules=SMOLLM2_TARGETS, corda_method=mode)
         t = time.perf_counter()
         calibrate(model, config, texts, tokenizer=tokenizer, num_samples=n, max_length=max_length,
-                  batch_size=batch_size, verbose=False)
+                  batch_size=batch_size, sequential=False, verbose=False)  # whole-model (bench_scaleout: both)
         out["calibration_s"] = time.perf_counter() - t
         t = time.perf_counter()
         get_peft_model(model, config)

@@ -33,7 +33,7 @@ def find_blocks(model: nn.Module) -> Optional[tuple[str, nn.ModuleList]]:
             continue
         if len({type(m) for m in module}) != 1:
             continue
-        size = sum(p.numel() for p in module.parameters())
+        size = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())  # ZeRO-3: the full size
         if size > best_size:
             best, best_size = (path, module), size
     return best

@@ -160,10 +160,10 @@ def _reduce(groups: list[CovarianceGroup], owners: list[int], to_all: bool) -> N
 
 def _shape(module: nn.Module) -> tuple[int, int]:
     """(out, in) of a target layer."""
-    weight = module.weight
-    if isinstance(module, Conv1D):
-        return weight.shape[1], weight.shape[0]
-    return getattr(module, "out_features", weight.shape[0]), getattr(module, "in_features", weight.shape[1])
+    if isinstance(module, nn.Linear):  # also bitsandbytes layers, whose weight holds packed storage
+        return module.out_features, module.in_features
+    shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3: the full shape of a partitioned weight
+    return (shape[1], shape[0]) if isinstance(module, Conv1D) else (shape[0], shape[1])
 
 
 def _group_job(group: CovarianceGroup, modules: dict, config, settings: dict) -> Job:

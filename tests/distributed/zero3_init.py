@@ -2,7 +2,8 @@
 build a ZeRO-3 partitioned tiny model, initialise a DuDe or CorDA adapter on it, gather what every layer holds and
 save it from rank 0 (plus the CorDA covariances), for comparison with a single-process run.
 
-usage: zero3_init.py METHOD MODEL_DIR OUT_PT     METHOD: dude | corda-kpm | corda-ipm
+usage: zero3_init.py METHOD MODEL_DIR OUT_PT
+  METHOD: dude | corda-kpm | corda-ipm | corda-kpm-sequential | corda-ipm-sequential
 """
 
 import os
@@ -26,10 +27,34 @@ def build(method, model, calibration_batches):
         config = CorDAConfig(r=4, lora_alpha=8, target_modules=targets, corda_method=method.split("-")[1])
         # float64 sums: 2 shards all-reduced and 1 pass over all of it then differ by less than 1e-6 even in KPM's
         # smallest components, which amplify the float32 rounding of a different summation order to ~2e-6
-        calib = calibrate(model, config, calibration_batches, covariance_dtype=torch.float64, sequential=False,
+        sequential = method.endswith("sequential")
+        probe = gathered_blocks_probe(model) if sequential else []
+        calib = calibrate(model, config, calibration_batches, covariance_dtype=torch.float64, sequential=sequential,
                           verbose=False)
-        covariances = {n: calib.group(n).covariance.clone() for n in calib.targets}
+        for h in probe[1:]:
+            h.remove()
+        if sequential:  # block by block: factors instead of covariances; record how many blocks were gathered at once
+            covariances = {"max_blocks_gathered": torch.tensor(max(probe[0]) if probe[0] else -1)}
+        else:
+            covariances = {n: calib.group(n).covariance.clone() for n in calib.targets}
     return get_peft_model(model, config), covariances
+
+
+def gathered_blocks_probe(model) -> list:
+    """[counts, hook handles...]: when a block's q_proj runs, how many decoder blocks have gathered (full) weights
+    on this rank; only for a ZeRO-3 partitioned model."""
+    from peft_ext.corda.blocks import find_blocks
+
+    _, blocks = find_blocks(model)
+    counts: list = []
+
+    def count(module, args):
+        counts.append(sum(any(getattr(p, "ds_status", None) is not None and p.ds_status.name == "AVAILABLE"
+                              for p in block.parameters()) for block in blocks))
+
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return [counts]
+    return [counts, *(block.self_attn.q_proj.register_forward_pre_hook(count) for block in blocks)]
 
 
 def collect(peft_model):
