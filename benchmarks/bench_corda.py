@@ -21,6 +21,8 @@ import os
 import random
 import time
 
+from peft_ext.jsonl import read_jsonl
+
 from benchmarks.common import (
     ROOT,
     SMOLLM2_TARGETS,
@@ -30,7 +32,6 @@ from benchmarks.common import (
     markdown_table,
     median,
     peak_rss_mb,
-    read_jsonl,
     run_worker,
     stamp,
     write_report,

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import (ROOT, SMOLLM2_TARGETS, machine, markdown_table, peak_rss_since_reset_mb,
+from benchmarks.common import (ROOT, SMOLLM2_TARGETS, machine, markdown_table, median, peak_rss_since_reset_mb,
                                reset_peak_rss, run_worker, stamp, write_report)
 
 SCRIPT = "benchmarks.bench_scaleout"
@@ -162,21 +162,24 @@ def plan_numbers(n: int, max_length: int) -> dict:
 
 
 def part_smol(args, opts: list[str]) -> tuple[list, dict]:
-    """Part 1, interleaved: for each mode, peft, whole-model, block by block."""
-    raw, rows = {}, []
+    """Part 1, interleaved over rounds: for each mode, peft, whole-model, block by block; medians."""
     kinds = ("peft", "whole", "sequential")
-    for mode in ("kpm", "ipm"):
-        for kind in kinds:
-            raw[f"{kind}/{mode}"] = r = run_worker(SCRIPT, ["smol", kind, mode, *opts])
-            print(f"[smol] {mode} {kind}: {r}", flush=True)
-        planned = plan_numbers(args.samples, args.max_length)
-        predicted = {"peft": planned["peak_peft_preprocess_corda"], "whole": planned["peak_whole_model"],
-                     "sequential": planned["peak_sequential"]}
-        for kind in kinds:
-            r = raw[f"{kind}/{mode}"]
-            rows.append([mode.upper(), kind, r["calibration_s"], r["decomposition_s"],
-                         r["calibration_s"] + r["decomposition_s"], r["calibration_peak_mb"], r["total_peak_mb"],
-                         predicted[kind] / 2**20])
+    raw = {f"{kind}/{mode}": [] for mode in ("kpm", "ipm") for kind in kinds}
+    for rnd in range(args.rounds):
+        for key in raw:
+            kind, mode = key.split("/")
+            raw[key].append(run_worker(SCRIPT, ["smol", kind, mode, *opts]))
+            print(f"[smol] round {rnd} {key}: {raw[key][-1]}", flush=True)
+    planned = plan_numbers(args.samples, args.max_length)
+    predicted = {"peft": planned["peak_peft_preprocess_corda"] + planned["peft_host_bytes"],  # all RAM here
+                 "whole": planned["peak_whole_model"], "sequential": planned["peak_sequential"]}
+    rows = []
+    for key, runs in raw.items():
+        kind, mode = key.split("/")
+        med = {f: median([r[f] for r in runs]) for f in runs[0]}
+        rows.append([mode.upper(), kind, med["calibration_s"], med["decomposition_s"],
+                     median([r["calibration_s"] + r["decomposition_s"] for r in runs]), med["calibration_peak_mb"],
+                     med["total_peak_mb"], predicted[kind] / 2**20])
     return rows, raw
 
 
@@ -192,15 +195,18 @@ def part_depth(args) -> tuple[list, dict]:
 
 
 def part_ranks(args) -> tuple[list, dict]:
-    raw, rows = {}, []
     opts = ["--blocks", "16", "--samples", "64", "--max_length", "128", "--batch_size", "8"]
+    raw = {f"{method}/{world}": [] for method in ("dude", "corda") for world in (1, 2)}
+    for rnd in range(args.rounds):
+        for key in raw:
+            method, world = key.split("/")
+            raw[key].append(run_ranks(method, int(world), opts))
+            print(f"[ranks] round {rnd} {key}: {raw[key][-1]}", flush=True)
+    rows = []
     for method in ("dude", "corda"):
-        for world in (1, 2):
-            raw[f"{method}/{world}"] = r = run_ranks(method, world, opts)
-            print(f"[ranks] {method} world {world}: {r}", flush=True)
-        one, two = (max(raw[f"{method}/{w}"]["seconds_per_rank"]) for w in (1, 2))
-        rows.append([method, one, two, ", ".join(f"{t:.1f}" for t in raw[f"{method}/2"]["seconds_per_rank"]),
-                     two / one])
+        one, two = (median([max(r["seconds_per_rank"]) for r in raw[f"{method}/{w}"]]) for w in (1, 2))
+        per_rank = [median([r["seconds_per_rank"][k] for r in raw[f"{method}/2"]]) for k in range(2)]
+        rows.append([method, one, two, ", ".join(f"{t:.1f}" for t in per_rank), two / one])
     return rows, raw
 
 
@@ -212,6 +218,7 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--parts", default="smol,depth,ranks")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the timed parts (smol, ranks), interleaved")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scaleout_smollm2.md"))
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -267,11 +274,13 @@ def report_parts(args) -> None:
         sections.append("## 3. 2 gloo ranks × 1 thread vs 1 process × 1 thread (random 16-block model, SmolLM2's "
                         "widths)\n\n" + markdown_table(["init", "1 process s", "2 ranks s (slowest)",
                                                         "2 ranks, s per rank", "ratio"], rows))
-    command = " ".join(["python -m benchmarks.bench_scaleout", *opts[2:], "--parts", args.parts])
+    command = " ".join(["python -m benchmarks.bench_scaleout", *opts[2:], "--parts", args.parts, "--rounds",
+                        str(args.rounds)])
     report = "\n\n".join([
         "# Scale-out of the CorDA / DuDe init (issue 15)",
         f"Command: `{command}`  \nMachine: {machine()}  \nDate: {stamp()}; {(time.time() - started) / 60:.0f} min "
-        f"in all. One process per measurement, r=16, q/k/v/o/gate/up/down.",
+        f"in all. One process per measurement, r=16, q/k/v/o/gate/up/down. Parts 1 and 3: medians over "
+        f"{args.rounds} interleaved rounds; part 2 (memory): one round.",
         "## Goals\n\n" + markdown_table(["measure", "measured", "goal", ""], goals),
         *sections,
     ])
@@ -282,9 +291,10 @@ def smol_goals(raw: dict) -> list:
     goals = []
     for mode in ("kpm", "ipm"):
         def get(kind, field):
-            return raw[f"{kind}/{mode}"][field]
+            return median([r[field] for r in raw[f"{kind}/{mode}"]])
 
-        total = {k: get(k, "calibration_s") + get(k, "decomposition_s") for k in ("peft", "sequential")}
+        total = {k: median([r["calibration_s"] + r["decomposition_s"] for r in raw[f"{k}/{mode}"]])
+                 for k in ("peft", "sequential")}
         goals.append(_goal(f"{mode.upper()} block by block extra peak / peft's",
                            get("sequential", "total_peak_mb") / get("peft", "total_peak_mb"), 0.2))
         goals.append(_goal(f"{mode.upper()} block by block total time / peft's", total["sequential"] / total["peft"],

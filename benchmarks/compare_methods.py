@@ -50,6 +50,8 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
     "PiSSA": ("pissa/config_cpu.yaml", []),
     "DoRA": ("dora/config_cpu.yaml", []),
     "DuDe": ("dude/config_cpu.yaml", []),
+    # the .safetensors names predate block-by-block calibration: an old work dir holds whole-model cache files there
+    # (read as they are); a new one gets a folder of per-block files under the same name
     "CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, "--calibration_cache", "{work}/kpm_covariance.safetensors"]),
     "CorDA-IPM": ("corda/config_ipm_cpu.yaml", [*_IPM, "--calibration_cache", "{work}/ipm_covariance.safetensors"]),
     "CorDA-KPM-unbalanced": ("corda/config_kpm_cpu.yaml", [*_KPM, *_UNBALANCED, "--calibration_cache",

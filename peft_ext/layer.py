@@ -24,6 +24,7 @@ from .base_weight import (decomposable_weight, rebase_residual_, same_weight, we
 from .distributed import broadcast_, dist_info
 from .injection import Injection
 from .sharded_init import decompose_deferred, shards_decomposition
+from .targets import check_rank_fits
 from .variants import PeftExtDoraVariant
 
 
@@ -122,12 +123,7 @@ class ResidualInitMixin:
             W, float_source = decomposable_weight(base, self.fan_in_fan_out, name=name, method=method,
                                                   float_weights_path=config.float_weights_path)
             out_features, in_features = W.shape
-            if r > min(out_features, in_features):
-                raise ValueError(
-                    f"peft_ext {method}: r={r} is larger than min(in_features={in_features}, "
-                    f"out_features={out_features}) of layer '{name}'. Fix: lower r, or give this layer a smaller rank "
-                    f"with rank_pattern={{'{name.rsplit('.', 1)[-1]}': {min(out_features, in_features)}}}."
-                )
+            check_rank_fits(method, r, out_features, in_features, name)
             if not torch.isfinite(W.sum()):  # a NaN or Inf anywhere makes the sum non-finite; no out×in mask
                 raise ValueError(
                     f"peft_ext {method}: layer '{name}' has NaN or Inf in its base weight; it cannot be decomposed. "

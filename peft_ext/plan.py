@@ -15,7 +15,8 @@ The memory model (bytes; c = 4 for float32 covariances, 8 for float64; a = 2 for
 * a covariance of a d-dimensional input: c·d²;
 * whole-model: every distinct input's covariance, on every rank (all-reduced), until get_peft_model decomposes them;
 * block by block: one block's covariances, plus this rank's cached hidden states, samples/world · max_length · hidden · a;
-* peft's preprocess_corda: one float32 covariance per target module (no sharing of a common input), on every rank;
+* peft's preprocess_corda: one float32 covariance per target module (no sharing of a common input), on every rank; and
+  in host memory (it offloads them) the full U and V of every target's SVD(W·C) until it crops them;
 * plus the decomposition's workspace for the largest layer (W and W·C in float32, the Gram matrix and its
   eigenvectors in float64, the Cholesky factor and the damped copy of C).
 Decomposition FLOPs per layer: CorDA 2·out·in² (W·C) + 2·min²·max (Gram) + 9·min³ (eigh) + in³/3 (Cholesky, once
@@ -153,6 +154,13 @@ def dude_flops(layer: Layer, r: int, niter, oversample: int) -> float:
     return 4.0 * (niter + 1) * o * i * min(r + oversample, small)
 
 
+def peft_host_layer_bytes(layer: Layer) -> float:
+    """What peft's preprocess_corda also holds per target at its peak (after `collect_eigens`, before
+    `crop_corda_eigens`), offloaded to host memory: the full U (out × min) and V (in × min) of SVD(W·C), float32."""
+    o, i = layer.out_features, layer.in_features
+    return 4.0 * (o + i) * min(o, i)
+
+
 def workspace_bytes(layer: Layer, method: str) -> float:
     o, i = layer.out_features, layer.in_features
     small = min(o, i)
@@ -188,6 +196,7 @@ def plan(shape: ModelShape, *, method: str, samples: int, max_length: int, world
             peak_whole_model=sum(covs) + workspace,
             peak_sequential=max(per_block) + hidden + workspace,
             peak_peft_preprocess_corda=sum(4.0 * layer.in_features**2 for layer in shape.layers) + workspace,
+            peft_host_bytes=sum(peft_host_layer_bytes(layer) for layer in shape.layers),
         )
     return out
 
@@ -200,7 +209,8 @@ def format_table(shape: ModelShape, numbers: dict, args) -> str:
         lines += [
             f"| calibration extra peak, block by block | {numbers['peak_sequential'] / GB:.2f} GB |",
             f"| calibration extra peak, whole-model | {numbers['peak_whole_model'] / GB:.2f} GB |",
-            f"| calibration extra peak, peft's preprocess_corda | {numbers['peak_peft_preprocess_corda'] / GB:.2f} GB |",
+            f"| calibration extra peak, peft's preprocess_corda | {numbers['peak_peft_preprocess_corda'] / GB:.2f} GB "
+            f"+ {numbers['peft_host_bytes'] / GB:.2f} GB of U, V in host memory |",
             f"| covariances, one block / whole model | {numbers['covariance_bytes_one_block'] / GB:.2f} / "
             f"{numbers['covariance_bytes_whole_model'] / GB:.2f} GB |",
             f"| cached hidden states ({args.samples} samples × {args.max_length} tokens, {args.dtype}) | "

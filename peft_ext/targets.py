@@ -34,3 +34,13 @@ def rank_and_scaling(config, name: str) -> tuple[int, float]:
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
     return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
+
+
+def check_rank_fits(method: str, r: int, out_features: int, in_features: int, name: str) -> None:
+    """A ValueError naming the layer and the fix when r exceeds what its decomposition can have."""
+    if r > min(out_features, in_features):
+        raise ValueError(
+            f"peft_ext {method}: r={r} is larger than min(in_features={in_features}, out_features={out_features}) "
+            f"of layer '{name}'. Fix: lower r, or give this layer a smaller rank with "
+            f"rank_pattern={{'{name.rsplit('.', 1)[-1]}': {min(out_features, in_features)}}}."
+        )

@@ -124,3 +124,13 @@ def test_packages_import_without_undeclared_modules():
             "import peft_ext, trl_recipes.sft, trl_recipes.evaluate, trl_recipes.peft_corda; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_every_benchmark_imports():
+    """A benchmark is run rarely and by hand: an import it lost (a helper moved elsewhere) is found here, not an hour
+    into a run."""
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                   if f.endswith(".py") and f != "__init__.py")
+    code = "import importlib; [importlib.import_module('benchmarks.' + n) for n in %r]; print('ok')" % names
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -325,3 +325,18 @@ def test_peft_corda_arm_config():
     assert config.corda_config.corda_method == "kpm" and config.corda_config.covariance_file == "cov.pt"
     with pytest.raises(ValueError, match="--corda_implementation 'x'"):
         PeftMethodArguments(peft_method="corda", corda_implementation="x")
+
+
+@pytest.mark.parametrize("flag,expected", [([], None), (["--calibration_sequential", "false"], False),
+                                           (["--calibration_sequential", "true"], True)])
+def test_calibration_sequential_flag_reaches_calibrate(flag, expected, monkeypatch):
+    """`--calibration_sequential` is parsed from the command line and passed to peft_ext.calibrate."""
+    import peft_ext
+    from trl_recipes.sft import calibrate_corda, parse_args
+
+    _, _, _, method_args = parse_args(["--config", os.path.join(SMOL, "corda", "config_ipm_cpu.yaml"),
+                                       "--output_dir", "unused", *flag])
+    seen = {}
+    monkeypatch.setattr(peft_ext, "calibrate", lambda *a, **k: seen.update(k))
+    calibrate_corda(object(), object(), method_args, ["text"], tokenizer=None, verbose=False)
+    assert seen["sequential"] is expected

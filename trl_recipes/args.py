@@ -59,9 +59,16 @@ class PeftMethodArguments:
     calibration_batch_size: int = field(default=8, metadata={"help": "corda: calibration batch size."})
     calibration_cache: Optional[str] = field(
         default=None,
-        metadata={"help": "corda: cache of the covariances, read if valid, else written (peft_ext: a safetensors file "
-                          "checked against model, targets and data; --corda_implementation peft: peft's "
-                          "covariance_file, unchecked)."}
+        metadata={"help": "corda: cache of the covariances, read if valid, else written (peft_ext: checked against "
+                          "model, targets and data; a folder of per-block files when calibrating block by block, so "
+                          "that an interrupted run resumes, or a safetensors file for a whole-model pass, read by "
+                          "either; --corda_implementation peft: peft's covariance_file, unchecked)."}
+    )
+    calibration_sequential: Optional[bool] = field(
+        default=None,
+        metadata={"help": "corda (peft_ext): calibrate block by block, each block's covariances decomposed and freed "
+                          "at once (default: wherever the model's decoder blocks hold every target); false: one "
+                          "whole-model pass."}
     )
     float_weights: str = field(
         default="auto",

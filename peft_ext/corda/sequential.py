@@ -28,7 +28,7 @@ from ..base_weight import decomposable_weight, no_cpu_repacking
 from ..distributed import (all_reduce_max, all_reduce_sum, dist_info, gathered_forward, gathered_module,
                            reduce_sum_to_)
 from ..sharding import Job, assign_owners, decomposition_cost, run_sharded
-from ..targets import rank_and_scaling
+from ..targets import check_rank_fits, rank_and_scaling
 from .blocks import Blocks, capture_first_block_inputs, run_block
 from .cache import load_block_cache, save_block_cache
 from .covariance import Calibration, Collector, CovarianceGroup, after_first_forward, diagnose, symmetrize
@@ -77,14 +77,7 @@ def calibrate_sequential(model: nn.Module, config, blocks: Blocks, batches: list
 def _check_ranks(config, modules: dict, names: list[str]) -> None:
     """Refused before any forward: a rank the decomposition of a layer cannot have (as get_peft_model would)."""
     for name in names:
-        out_features, in_features = _shape(modules[name])
-        r, _ = rank_and_scaling(config, name)
-        if r > min(out_features, in_features):
-            raise ValueError(
-                f"peft_ext corda: r={r} is larger than min(in_features={in_features}, out_features={out_features}) "
-                f"of layer '{name}'. Fix: lower r, or give this layer a smaller rank with "
-                f"rank_pattern={{'{name.rsplit('.', 1)[-1]}': {min(out_features, in_features)}}}."
-            )
+        check_rank_fits("corda", rank_and_scaling(config, name)[0], *_shape(modules[name]), name)
 
 
 def _same_count_on_every_rank(batches: list[dict]) -> list[dict]:
