@@ -169,3 +169,37 @@ def test_a_block_returning_an_unexpected_structure_is_refused():
     del block.forward
     assert_same_state(before, model)
     assert not any(m._forward_pre_hooks for m in model.modules())  # no hook left behind
+
+
+def _tiny_other(arch: str):
+    """Tiny random models of the other decoder families the block finder must handle."""
+    from transformers import (GemmaConfig, GemmaForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig,
+                              OPTForCausalLM, Phi3Config, Phi3ForCausalLM)
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128)
+    config, cls = {
+        "gemma": (GemmaConfig(**common, intermediate_size=96, num_key_value_heads=2, head_dim=16), GemmaForCausalLM),
+        "phi3": (Phi3Config(**common, intermediate_size=96, num_key_value_heads=2, pad_token_id=0), Phi3ForCausalLM),
+        "opt": (OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+                          word_embed_proj_dim=64, max_position_embeddings=128), OPTForCausalLM),
+        "gpt_neox": (GPTNeoXConfig(**common, intermediate_size=96), GPTNeoXForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma", "phi3", "opt", "gpt_neox"])
+def test_other_decoder_families_calibrate_block_by_block(arch):
+    results = []
+    for seq in (False, True):
+        model, config = _tiny_other(arch), corda(corda_method="ipm", target_modules="all-linear")
+        calib = calibrate(model, config, token_batches(), covariance_dtype=torch.float64, sequential=seq,
+                          verbose=False)
+        assert bool(calib.factors) == seq  # the blocks were found
+        results.append(init_factors(model, config))
+    whole, seq = results
+    assert whole.keys() == seq.keys() and whole
+    for name in whole:
+        for a, b in zip(seq[name], whole[name]):
+            assert rel(a, b) <= 1e-5, name
