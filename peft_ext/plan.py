@@ -37,7 +37,7 @@ from torch import nn
 
 from .corda.blocks import find_blocks
 from .sharding import assign_owners
-from .targets import target_module_names
+from .targets import target_module_names, target_shape
 
 GB = 1e9
 
@@ -77,12 +77,6 @@ def load_model_config(path: str):
     return AutoConfig.for_model(**data)
 
 
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    return module.weight.shape[1], module.weight.shape[0]  # GPT-2's Conv1D stores (in, out)
-
-
 def model_shape(model_config, peft_config) -> ModelShape:
     """Target shapes and distinct inputs of the model described by `model_config`, built on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -105,7 +99,7 @@ def model_shape(model_config, peft_config) -> ModelShape:
         if key not in groups:
             groups[key] = len(groups)
             group_blocks.append(int(index))
-        layers.append(Layer(name, *_out_in(modules[name]), group=groups[key], block=int(index)))
+        layers.append(Layer(name, *target_shape(modules[name]), group=groups[key], block=int(index)))
     dims = [0] * len(groups)
     for layer in layers:
         dims[layer.group] = layer.in_features

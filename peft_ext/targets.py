@@ -36,6 +36,15 @@ def rank_and_scaling(config, name: str) -> tuple[int, float]:
     return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
 
 
+def target_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a target layer: nn.Linear (bitsandbytes layers too, whose weight holds packed storage) from its
+    features, GPT-2's Conv1D from its (in, out) weight; the full shape of a ZeRO-3 partitioned weight."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    shape = getattr(module.weight, "ds_shape", module.weight.shape)
+    return (shape[1], shape[0]) if isinstance(module, Conv1D) else (shape[0], shape[1])
+
+
 def check_rank_fits(method: str, r: int, out_features: int, in_features: int, name: str) -> None:
     """A ValueError naming the layer and the fix when r exceeds what its decomposition can have."""
     if r > min(out_features, in_features):

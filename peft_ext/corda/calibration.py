@@ -284,7 +284,8 @@ def _check_arguments(model, config, covariance_dtype, num_samples: int, max_leng
 
 def _rank_batches(kind: str, items: list, tokenizer, batch_size: int, shard: Optional[bool]) -> list[dict]:
     """This rank's padded batches: token rows sharded (unless `shard` is False), sorted by length and batched; made
-    batches taken as they are (sharded only when `shard` is True)."""
+    batches taken as they are (sharded only when `shard` is True); then idle batches up to the count of the rank
+    with the most, the same count on every rank."""
     rank, world = dist_info()
     if kind == "rows":
         if shard is None or shard:
@@ -299,13 +300,14 @@ def _rank_batches(kind: str, items: list, tokenizer, batch_size: int, shard: Opt
         if int(b["attention_mask"].sum()) == 0:
             raise ValueError(f"peft_ext.calibrate: calibration batch {i} is all padding (attention_mask is 0 "
                              f"everywhere). Fix: drop empty samples from the calibration data.")
-    return batches
+    # ZeRO-3 runs collectives inside every forward, so all ranks run the same number of them: a rank with fewer
+    # batches runs idle ones (all padding, contributing nothing)
+    idle = {"input_ids": torch.zeros((1, 1), dtype=torch.long), "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
+    return batches + [idle] * (all_reduce_max(len(batches)) - len(batches))
 
 
 def _run_forwards(model: nn.Module, names: list[str], batches: list[dict], collector, verbose: bool) -> None:
     """Every batch through the model with the collector's hooks on the targets; the model is left as it was."""
-    # ZeRO-3 runs collectives inside every forward: all ranks must run the same number of them
-    n_forward = all_reduce_max(len(batches))
     modules = dict(model.named_modules())
     handles = [modules[n].register_forward_pre_hook(collector.hook(n), with_kwargs=True) for n in names]
     device = next(model.parameters()).device
@@ -315,11 +317,10 @@ def _run_forwards(model: nn.Module, names: list[str], batches: list[dict], colle
     # midway would leave gathered weights behind, so no early exit there
     collector.early_exit = not is_zero3_partitioned(model)
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-    idle = {"input_ids": torch.zeros((1, 1), dtype=torch.long), "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
     with gathered_forward(model), no_cpu_repacking(model):
         try:
-            for i in tqdm(range(n_forward), desc="peft_ext CorDA calibration", unit="batch", disable=not verbose):
-                batch = batches[i] if i < len(batches) else idle  # an idle rank: a forward that contributes nothing
+            for i, batch in enumerate(tqdm(batches, desc="peft_ext CorDA calibration", unit="batch",
+                                           disable=not verbose)):
                 collector.batch_index = i
                 collector.mask = batch["attention_mask"].to(device).bool()
                 collector.no_padding = bool(collector.mask.all())

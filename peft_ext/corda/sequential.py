@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from .._compat import Conv1D
 from ..base_weight import decomposable_weight, no_cpu_repacking
-from ..distributed import (all_reduce_max, all_reduce_sum, dist_info, gathered_forward, gathered_module,
+from ..distributed import (all_reduce_sum, dist_info, gathered_forward, gathered_module,
                            reduce_sum_to_)
 from ..sharding import Job, assign_owners, decomposition_cost, run_sharded
-from ..targets import check_rank_fits, rank_and_scaling
+from ..targets import check_rank_fits, rank_and_scaling, target_shape
 from .blocks import Blocks, capture_first_block_inputs, run_block
 from .cache import load_block_cache, save_block_cache
 from .covariance import Calibration, Collector, CovarianceGroup, after_first_forward, diagnose, symmetrize
@@ -42,7 +42,6 @@ def calibrate_sequential(model: nn.Module, config, blocks: Blocks, batches: list
     device = next(model.parameters()).device
     modules = dict(model.named_modules())
     _check_ranks(config, modules, [n for names in blocks.targets for n in names])
-    batches = _same_count_on_every_rank(batches)
     extra = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     settings = config.decomposition_settings()
     factors: dict = {}
@@ -77,14 +76,7 @@ def calibrate_sequential(model: nn.Module, config, blocks: Blocks, batches: list
 def _check_ranks(config, modules: dict, names: list[str]) -> None:
     """Refused before any forward: a rank the decomposition of a layer cannot have (as get_peft_model would)."""
     for name in names:
-        check_rank_fits("corda", rank_and_scaling(config, name)[0], *_shape(modules[name]), name)
-
-
-def _same_count_on_every_rank(batches: list[dict]) -> list[dict]:
-    """ZeRO-3 runs collectives inside every forward: a rank with fewer batches runs idle ones (all padding)."""
-    n = all_reduce_max(len(batches))
-    idle = {"input_ids": torch.zeros((1, 1), dtype=torch.long), "attention_mask": torch.zeros((1, 1), dtype=torch.long)}
-    return list(batches) + [idle] * (n - len(batches))
+        check_rank_fits("corda", rank_and_scaling(config, name)[0], *target_shape(modules[name]), name)
 
 
 def _run_block(block: nn.Module, where: str, names: list[str], inputs, masks: list[torch.Tensor],
@@ -117,7 +109,7 @@ def _finish_block(groups: list[CovarianceGroup], modules: dict, config, settings
                   cache_dir: Optional[str], index: int, fingerprint: dict, write: bool) -> None:
     """Reduce the block's sums (if computed here), decompose its targets over the ranks, free its covariances."""
     rank, world = dist_info()
-    costs = [sum(decomposition_cost(*_shape(modules[n])) for n in g.members) for g in groups]
+    costs = [sum(decomposition_cost(*target_shape(modules[n])) for n in g.members) for g in groups]
     owners = assign_owners(costs, world)
     if write:
         _reduce(groups, owners, to_all=cache_dir is not None)
@@ -151,18 +143,10 @@ def _reduce(groups: list[CovarianceGroup], owners: list[int], to_all: bool) -> N
         g._sum = None
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a target layer."""
-    if isinstance(module, nn.Linear):  # also bitsandbytes layers, whose weight holds packed storage
-        return module.out_features, module.in_features
-    shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3: the full shape of a partitioned weight
-    return (shape[1], shape[0]) if isinstance(module, Conv1D) else (shape[0], shape[1])
-
-
 def _group_job(group: CovarianceGroup, modules: dict, config, settings: dict) -> Job:
     shapes = []
     for name in group.members:
-        out_features, in_features = _shape(modules[name])
+        out_features, in_features = target_shape(modules[name])
         r, _ = rank_and_scaling(config, name)
         shapes += [(r, in_features), (out_features, r)]
     device = modules[group.members[0]].weight.device
