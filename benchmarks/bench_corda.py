@@ -26,6 +26,7 @@ from peft_ext.jsonl import read_jsonl
 from benchmarks.common import (
     ROOT,
     SMOLLM2_TARGETS,
+    add_calibration_arguments,
     allocators,
     current_rss_mb,
     machine,
@@ -120,10 +121,7 @@ def worker(kind: str, mode: str, data_dir: str, n: int, max_length: int, batch_s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--max_length", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
+    add_calibration_arguments(ap)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocators", default="glibc")

@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 
-from benchmarks.common import (ROOT, SMOLLM2_TARGETS, machine, markdown_table, median, peak_rss_since_reset_mb,
-                               reset_peak_rss, run_worker, stamp, write_report)
+from benchmarks.common import (ROOT, SMOLLM2_TARGETS, add_calibration_arguments, machine, markdown_table, median,
+                               peak_rss_since_reset_mb, reset_peak_rss, run_worker, stamp, write_report)
 
 SCRIPT = "benchmarks.bench_scaleout"
 SMOL_WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
@@ -212,10 +212,7 @@ def part_ranks(args) -> tuple[list, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--max_length", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
+    add_calibration_arguments(ap)
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--parts", default="smol,depth,ranks")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the timed parts (smol, ranks), interleaved")

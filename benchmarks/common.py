@@ -24,6 +24,14 @@ SMOL = os.path.join(ROOT, "trl_recipes", "recipes", "SmolLM2-135M-Instruct")  # 
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def add_calibration_arguments(ap) -> None:
+    """The calibration options the CorDA benchmarks share (data folder, samples, tokens per sample, batch size)."""
+    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--max_length", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=8)
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
