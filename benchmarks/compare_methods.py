@@ -8,12 +8,13 @@ init). Every adapter is evaluated on
   * the task: GSM8K *test* answer NLL (and, with --em_examples, exact match of the final number, greedy);
   * knowledge retention: NQ-open (dev) gold-answer NLL and exact match, against the base model's;
 and the runs record their loss curve, seconds per step, peak memory and the norms of the adapter factors at init.
-The CorDA arms: ours with balanced factors (CorDA-KPM/IPM, the default), ours unbalanced (-unbalanced), and peft's
-own `preprocess_corda` (peft-CorDA-KPM/IPM); every KPM arm calibrates on the same NQ-open questions of the EfficientQA
+The CorDA arms: ours with balanced factors (CorDA-KPM/IPM, the default), ours unbalanced (-unbalanced), ours balanced
+with peft's per-sample max normalisation of the calibration activations (CorDA-IPM-maxnorm), and peft's own
+`preprocess_corda` (peft-CorDA-KPM/IPM); every KPM arm calibrates on the same NQ-open questions of the EfficientQA
 dev file (none of the evaluated NQ-open dev questions) with their answers, every IPM arm on the same GSM8K train
 problems with their solutions; both as chat conversations, as the recipes calibrate.
 
-    python -m benchmarks.compare_methods              # all ten arms and the matched rates, ~1.75 hours on 2 CPU cores
+    python -m benchmarks.compare_methods              # all eleven arms and the matched rates, ~2 hours on 2 CPU cores
     python -m benchmarks.compare_methods --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/x   # a subset
 
 Each run (its training, then its evaluation) is one subprocess; two run at a time with one thread each (`--workers`:
@@ -45,6 +46,7 @@ from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, 
 _KPM = ["--calibration_dataset", "{work}/kpm_calibration.jsonl"]  # question + answers, as NQ-open
 _IPM = ["--calibration_dataset", "{work}/ipm_calibration.jsonl"]  # question + answer: whole training conversations
 _UNBALANCED, _PEFT = ["--corda_balance_factors", "false"], ["--corda_implementation", "peft"]
+_MAXNORM = ["--calibration_sample_normalization", "max"]
 METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibrates on the same texts
     "LoRA": ("lora/config_cpu.yaml", []),
     "PiSSA": ("pissa/config_cpu.yaml", []),
@@ -58,6 +60,9 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
                                                            "{work}/kpm_covariance.safetensors"]),
     "CorDA-IPM-unbalanced": ("corda/config_ipm_cpu.yaml", [*_IPM, *_UNBALANCED, "--calibration_cache",
                                                            "{work}/ipm_covariance.safetensors"]),
+    # peft's per-sample max normalisation of the calibration activations, on our balanced factors
+    "CorDA-IPM-maxnorm": ("corda/config_ipm_cpu.yaml", [*_IPM, *_MAXNORM, "--calibration_cache",
+                                                        "{work}/ipm_maxnorm_covariance"]),
     "peft-CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, *_PEFT, "--calibration_cache",
                                                      "{work}/peft_kpm_covariance.pt"]),
     "peft-CorDA-IPM": ("corda/config_ipm_cpu.yaml", [*_IPM, *_PEFT, "--calibration_cache",
@@ -66,9 +71,11 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
 DEFAULT_LRS_FOR = "LoRA=1.6e-3,6.4e-3,2.6e-2;DoRA=1.6e-3,6.4e-3,2.6e-2"
 # arms of our CorDA and the peft arm each is held against, side by side
 PEFT_COUNTERPART = {"CorDA-KPM": "peft-CorDA-KPM", "CorDA-IPM": "peft-CorDA-IPM",
-                    "CorDA-KPM-unbalanced": "peft-CorDA-KPM", "CorDA-IPM-unbalanced": "peft-CorDA-IPM"}
+                    "CorDA-KPM-unbalanced": "peft-CorDA-KPM", "CorDA-IPM-unbalanced": "peft-CorDA-IPM",
+                    "CorDA-IPM-maxnorm": "peft-CorDA-IPM"}
 # the default arms of our CorDA (balanced) that --matched_rates also runs at their peft counterpart's rate and back
-MATCHED_PAIRS = (("CorDA-KPM", "peft-CorDA-KPM"), ("CorDA-IPM", "peft-CorDA-IPM"))
+MATCHED_PAIRS = (("CorDA-KPM", "peft-CorDA-KPM"), ("CorDA-IPM", "peft-CorDA-IPM"),
+                 ("CorDA-IPM-maxnorm", "peft-CorDA-IPM"))
 
 
 # --- data ---------------------------------------------------------------------------------------------------------

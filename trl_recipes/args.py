@@ -64,6 +64,12 @@ class PeftMethodArguments:
                           "that an interrupted run resumes, or a safetensors file for a whole-model pass, read by "
                           "either; --corda_implementation peft: peft's covariance_file, unchecked)."}
     )
+    calibration_sample_normalization: str = field(
+        default="none",
+        metadata={"help": "corda (peft_ext): 'none' (every real token weighs the same) or 'max' (each sample's "
+                          "activations divided by their maximum before summing, as peft's preprocess_corda, which "
+                          "always does so); see peft_ext.calibrate."}
+    )
     calibration_sequential: Optional[bool] = field(
         default=None,
         metadata={"help": "corda (peft_ext): calibrate block by block, each block's covariances decomposed and freed "
@@ -99,6 +105,9 @@ class PeftMethodArguments:
             raise ValueError(f"--peft_method {self.peft_method!r} is not one of {', '.join(PEFT_METHODS)}.")
         if self.corda_method not in ("kpm", "ipm"):
             raise ValueError(f"--corda_method {self.corda_method!r}: use 'kpm' or 'ipm'.")
+        if self.calibration_sample_normalization not in ("none", "max"):
+            raise ValueError(f"--calibration_sample_normalization {self.calibration_sample_normalization!r}: use "
+                             f"'none' or 'max'.")
         if self.corda_implementation not in ("peft_ext", "peft"):
             raise ValueError(f"--corda_implementation {self.corda_implementation!r}: use 'peft_ext' or 'peft'.")
         peft_residual = self.peft_method == "pissa" or (self.peft_method == "corda" and self.corda_implementation == "peft")

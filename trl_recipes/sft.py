@@ -208,7 +208,8 @@ def calibrate_corda(model, peft_config, method_args, data, tokenizer, verbose: b
         calibrate_with_peft(model, peft_config, data, **common)
     else:
         calibrate(model, peft_config, data, batch_size=method_args.calibration_batch_size,
-                  cache_file=method_args.calibration_cache, sequential=method_args.calibration_sequential, **common)
+                  cache_file=method_args.calibration_cache, sequential=method_args.calibration_sequential,
+                  sample_normalization=method_args.calibration_sample_normalization, **common)
 
 
 def init_distributed_on_cpu() -> bool:

@@ -42,7 +42,8 @@ from ..targets import target_module_names
 from .blocks import blocks_for_targets
 from .cache import check_cache_destination, load_cache, save_cache
 from .config import CorDAConfig
-from .covariance import Calibration, Collector, StopForward, after_first_forward, diagnose, reduced_groups
+from .covariance import (SAMPLE_NORMALIZATIONS, Calibration, Collector, StopForward, after_first_forward, diagnose,
+                         reduced_groups)
 from .sequential import calibrate_sequential
 
 
@@ -192,7 +193,7 @@ def data_fingerprint(kind: str, items) -> str:
 def calibrate(
     model: nn.Module, config, data, *, tokenizer=None, num_samples: int = 256, max_length: int = 256,
     batch_size: int = 8, seed: int = 0, text_field=None, covariance_dtype: torch.dtype = torch.float32,
-    cache_file: Optional[str] = None, shard: Optional[bool] = None, sequential: Optional[bool] = None,
+    sample_normalization: str = "none", cache_file: Optional[str] = None, shard: Optional[bool] = None, sequential: Optional[bool] = None,
     hidden_states_device: Optional[Union[str, torch.device]] = None, verbose: bool = True,
 ) -> Calibration:
     """Collect each target layer's input covariance for CorDA; call it on the base model, then get_peft_model.
@@ -208,6 +209,10 @@ def calibrate(
             tokens per sample (truncation). batch_size: samples per forward (padded positions are masked out).
         covariance_dtype: torch.float32 (default) or torch.float64 accumulation; float64 also makes the
             decomposition run in float64.
+        sample_normalization: "none" (default): every real token weighs the same, C = Σ x xᵀ / tokens. "max": each
+            sample's activations are divided by their maximum (per layer input, over the sample's real tokens)
+            before summing, as peft's and the CorDA authors' `preprocess_corda` do; samples with large activations
+            then weigh less. Recorded in the fingerprint and in the saved config's `corda_calibration`.
         cache_file: whole-model: a .safetensors path, read if it exists (refused when built for another model,
             target set or data), written otherwise. Block by block: a folder of per-block files, so that an
             interrupted calibration restarts at the first unfinished block (a whole-model cache file at that path
@@ -219,12 +224,14 @@ def calibrate(
             wherever decoder blocks hold every target; True: that, or an error; False: one whole-model pass.
         hidden_states_device: block by block: where cached hidden states are kept (e.g. "cpu"); default: the model's.
     """
-    names = _check_arguments(model, config, covariance_dtype, num_samples, max_length, batch_size)
+    names = _check_arguments(model, config, covariance_dtype, num_samples, max_length, batch_size,
+                             sample_normalization)
     blocks = blocks_for_targets(model, names, sequential)
     check_cache_destination(cache_file, sequential=blocks is not None)
     kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
                                            seed=seed, text_field=text_field)
-    fingerprint = calibration_fingerprint(model, names, kind, items, max_length, covariance_dtype)
+    fingerprint = calibration_fingerprint(model, names, kind, items, max_length, covariance_dtype,
+                                          sample_normalization)
     rank, world = dist_info()
     if cache_file is not None and os.path.isfile(cache_file):  # a whole-model cache, in either mode
         calib = load_cache(cache_file, fingerprint)
@@ -236,11 +243,12 @@ def calibrate(
     if blocks is not None:
         hidden_device = torch.device(hidden_states_device) if hidden_states_device else None
         calib = calibrate_sequential(model, config, blocks, batches, fingerprint=fingerprint, cache_dir=cache_file,
-                                     covariance_dtype=covariance_dtype, hidden_device=hidden_device,
+                                     covariance_dtype=covariance_dtype, sample_normalization=sample_normalization,
+                                     hidden_device=hidden_device,
                                      verbose=verbose and rank == 0)
         barrier()
         return _attach(config, calib, verbose and rank == 0)
-    collector = Collector(names, covariance_dtype)
+    collector = Collector(names, covariance_dtype, sample_normalization)
     _run_forwards(model, names, batches, collector, verbose=verbose and rank == 0)
     calib = Calibration(reduced_groups(collector.groups, world), fingerprint, source="computed")
     if cache_file is not None:
@@ -250,8 +258,11 @@ def calibrate(
     return _attach(config, calib, verbose and rank == 0)
 
 
-def calibration_fingerprint(model, names: list[str], kind: str, items, max_length: int, covariance_dtype) -> dict:
-    """What a cache must have been built from: model weights, targets, data and accumulation settings."""
+def calibration_fingerprint(model, names: list[str], kind: str, items, max_length: int, covariance_dtype,
+                            sample_normalization: str = "none") -> dict:
+    """What a cache must have been built from: model weights, targets, data and accumulation settings (a
+    normalization other than "none" is named; caches written before the option existed stay valid)."""
+    normalization = {} if sample_normalization == "none" else {"sample_normalization": sample_normalization}
     return {
         "model": model_fingerprint(model, names),
         "targets": names,
@@ -259,10 +270,12 @@ def calibration_fingerprint(model, names: list[str], kind: str, items, max_lengt
         "samples": len(items) if kind == "rows" else sum(b["input_ids"].shape[0] for b in items),
         "max_length": max_length,
         "covariance_dtype": str(covariance_dtype).removeprefix("torch."),
+        **normalization,
     }
 
 
-def _check_arguments(model, config, covariance_dtype, num_samples: int, max_length: int, batch_size: int) -> list[str]:
+def _check_arguments(model, config, covariance_dtype, num_samples: int, max_length: int, batch_size: int,
+                     sample_normalization: str) -> list[str]:
     """The target layer names, after refusing bad arguments with the fix."""
     if not isinstance(config, CorDAConfig):
         raise TypeError(f"peft_ext.calibrate: config is a {type(config).__name__}; pass the CorDAConfig that "
@@ -272,6 +285,9 @@ def _check_arguments(model, config, covariance_dtype, num_samples: int, max_leng
                          "model, before get_peft_model.")
     if covariance_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"peft_ext.calibrate: covariance_dtype={covariance_dtype}. Fix: torch.float32 or torch.float64.")
+    if sample_normalization not in SAMPLE_NORMALIZATIONS:
+        raise ValueError(f"peft_ext.calibrate: sample_normalization={sample_normalization!r}. Fix: one of "
+                         f"{', '.join(map(repr, SAMPLE_NORMALIZATIONS))}.")
     if num_samples < 1 or max_length < 1 or batch_size < 1:
         raise ValueError(f"peft_ext.calibrate: num_samples={num_samples}, max_length={max_length}, "
                          f"batch_size={batch_size} must all be >= 1.")

@@ -123,10 +123,20 @@ class StopForward(Exception):
     """Raised by the hook of the last target: nothing after it is needed."""
 
 
+SAMPLE_NORMALIZATIONS = ("none", "max")
+
+
 class Collector:
-    def __init__(self, names: list[str], dtype: torch.dtype):
+    """Pre-hooks on the target layers that sum x xᵀ over the real (unpadded) tokens, once per distinct input.
+
+    `sample_normalization` "max" divides each sample's rows by the absolute value of that sample's largest activation
+    (over its real tokens) before summing, as peft's and the CorDA authors' `preprocess_corda` do; "none" weights
+    every real token the same."""
+
+    def __init__(self, names: list[str], dtype: torch.dtype, sample_normalization: str = "none"):
         self.names = set(names)
         self.dtype = dtype
+        self.sample_normalization = sample_normalization
         self.order: list[str] = []  # call order in the first batch
         self.group_of: dict[str, CovarianceGroup] = {}
         self.groups: list[CovarianceGroup] = []
@@ -188,6 +198,8 @@ class Collector:
                 f"layer out of target_modules."
             )
         rows = rows.to(self.dtype)
+        if self.sample_normalization == "max":
+            rows = rows * per_sample_max_scales(x, mask, self.dtype)[:, None]
         if not torch.isfinite(rows.sum()):
             raise ValueError(
                 f"peft_ext.calibrate: layer '{name}' received NaN/Inf activations in calibration batch "
@@ -199,6 +211,18 @@ class Collector:
             group.size = x.shape[-1]
         accumulate_upper_(group._sum, rows)
         group.tokens += rows.shape[0]
+
+
+def per_sample_max_scales(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One factor per real row of `x` ((batch, seq, dim), or (batch·seq, dim) for a flattened input):
+    1 / |max activation of its sample| over that sample's real tokens (the signed max, then its absolute value, as
+    peft's `preprocess_corda`). A sample whose max is 0 falls back to its largest |activation|, then to 1."""
+    xs = x.reshape(*mask.shape, x.shape[-1]) if x.dim() == 2 else x
+    real = mask[..., None]
+    peak = xs.masked_fill(~real, float("-inf")).amax(dim=(1, 2)).abs()
+    peak = torch.where(peak == 0, xs.abs().masked_fill(~real, 0).amax(dim=(1, 2)), peak)
+    peak = torch.where(peak == 0, torch.ones_like(peak), peak)
+    return (1.0 / peak.to(dtype))[:, None].expand(mask.shape)[mask]
 
 
 def diagnose(group: CovarianceGroup) -> None:

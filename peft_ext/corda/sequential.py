@@ -36,7 +36,7 @@ from .decomposition import decompose_member
 
 
 def calibrate_sequential(model: nn.Module, config, blocks: Blocks, batches: list[dict], *, fingerprint: dict,
-                         covariance_dtype: torch.dtype, cache_dir: Optional[str],
+                         covariance_dtype: torch.dtype, sample_normalization: str, cache_dir: Optional[str],
                          hidden_device: Optional[torch.device], verbose: bool) -> Calibration:
     """The `Calibration` of `calibrate(..., sequential=True)`: init factors of every target, covariances freed."""
     device = next(model.parameters()).device
@@ -61,8 +61,10 @@ def calibrate_sequential(model: nn.Module, config, blocks: Blocks, batches: list
                     groups = load_block_cache(cache_dir, i, fingerprint, device) if cache_dir else None
                     if groups is not None:
                         cached.append(i)
+                    collector = None if groups is not None or not blocks.targets[i] else Collector(
+                        blocks.targets[i], covariance_dtype, sample_normalization)
                     groups = _run_block(blocks.modules[i], where, blocks.targets[i], inputs, masks,
-                                        covariance_dtype, collect=groups is None) or groups
+                                        collector) or groups
                     if groups:
                         _finish_block(groups, modules, config, settings, factors, cache_dir, i, fingerprint,
                                       write=i not in cached)
@@ -80,10 +82,9 @@ def _check_ranks(config, modules: dict, names: list[str]) -> None:
 
 
 def _run_block(block: nn.Module, where: str, names: list[str], inputs, masks: list[torch.Tensor],
-               dtype: torch.dtype, collect: bool) -> Optional[list[CovarianceGroup]]:
-    """Every batch through one block (its outputs replace the cached inputs); with `collect`, the covariance sums of
-    its targets (not yet reduced over ranks)."""
-    collector = Collector(names, dtype) if collect and names else None
+               collector: Optional[Collector]) -> Optional[list[CovarianceGroup]]:
+    """Every batch through one block (its outputs replace the cached inputs); with a `collector`, the covariance sums
+    of its targets (not yet reduced over ranks)."""
     handles = []
     if collector is not None:
         collector.early_exit = False
