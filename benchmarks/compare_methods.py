@@ -409,7 +409,7 @@ class Driver:
                            + f" ({time.time() - t:.0f} s)")
         return {**ev, "loss_history": metrics["loss_history"], "seconds_per_step": metrics["seconds_per_step"],
                 "train_seconds": metrics["train_seconds"], "peak_rss_mb": metrics["peak_rss_mb"], "lr": lr,
-                "seed": seed, "init_factor_norms": metrics.get("init_factor_norms")}
+                "seed": seed, "method": method, "init_factor_norms": metrics.get("init_factor_norms")}
 
     def method(self, method, lrs) -> tuple[dict, float, list]:
         """Sweep on seed 0 (selected on the validation NLL), extend past a winning edge, then the other seeds."""
@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--matched_rates", action=argparse.BooleanOptionalAction, default=True,
                     help="also run our balanced CorDA arms and peft's at each other's chosen rate, every seed, and "
                          "hold them side by side at the same rate (each arm's own best rate can differ by noise)")
+    ap.add_argument("--extra_rates", default="",
+                    help="'METHOD=lr,lr;...': also run these arms at these rates, every seed, fully evaluated, for the "
+                         "trade-off table (e.g. one arm at a rate where its task gain meets another's)")
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (the cores are split between them)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compare_methods"))
     # internal: one run (training and evaluation) in a worker process
@@ -472,8 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def method_grids(spec: str, methods: list[str], default: list[float]) -> dict[str, list[float]]:
-    """`--lrs_for` 'M=a,b,c;N=...' over the default grid; an unknown method or a bad number exits with the fix."""
+def method_grids(spec: str, methods: list[str], default: list[float], flag: str = "--lrs_for") -> dict[str, list[float]]:
+    """`--lrs_for` (or `--extra_rates`) 'M=a,b,c;N=...' over the default grid; an unknown method or a bad number
+    exits with the fix."""
     grids = {m: default for m in methods}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, values = part.partition("=")
@@ -482,7 +486,7 @@ def method_grids(spec: str, methods: list[str], default: list[float]) -> dict[st
         except ValueError:
             grid = []
         if name not in METHODS or not grid:
-            sys.exit(f"error: --lrs_for entry {part!r}. Fix: METHOD=lr,lr,... with METHOD one of {', '.join(METHODS)}.")
+            sys.exit(f"error: {flag} entry {part!r}. Fix: METHOD=lr,lr,... with METHOD one of {', '.join(METHODS)}.")
         if name in grids:
             grids[name] = grid
     return grids
@@ -501,10 +505,12 @@ def main() -> None:
     methods = args.methods.split(",")
     lrs = [float(x) for x in args.lrs.split(",")]
     grids = method_grids(args.lrs_for, methods, lrs)
+    extra = method_grids(args.extra_rates, methods, [], flag="--extra_rates")
     t0 = time.time()
     driver = Driver(args)
     try:
         base, sweep, best_lr, results, matched = run_all(driver, methods, grids)
+        extra_runs = extra_rate_runs(driver, extra, best_lr)
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
     finally:
@@ -518,7 +524,7 @@ def main() -> None:
                             "trained": driver.trained, "evaluated": driver.evaluated})
         with open(log_file, "w") as f:
             json.dump(invocations, f, indent=1)
-    report(args, base, sweep, best_lr, results, grids, invocations, matched)
+    report(args, base, sweep, best_lr, results, grids, invocations, matched, extra_runs)
 
 
 def run_all(driver: Driver, methods: list[str], grids: dict) -> tuple[dict, dict, dict, dict, dict]:
@@ -554,6 +560,29 @@ def matched_runs(driver: Driver, best_lr: dict, results: dict) -> dict[str, dict
         runs = results[arm] if lr == best_lr[arm] else ran[(arm, lr)]
         out.setdefault(" vs ".join(pair), {}).setdefault(lr, {})[arm] = runs
     return out
+
+
+def extra_rate_runs(driver: Driver, extra: dict[str, list[float]], best_lr: dict) -> list[dict]:
+    """`--extra_rates`: each listed arm (among those run) at each listed rate, every seed, fully evaluated; runs that
+    already exist in the work directory are read, not repeated."""
+    jobs = [(m, lr) for m, lrs in extra.items() if m in best_lr for lr in lrs]
+    driver.plan(sum(lr != best_lr[m] for m, lr in jobs) * driver.args.seeds)
+    seeds = list(range(driver.args.seeds))
+    runs = parallel(lambda job: parallel(lambda seed: driver.run(*job, seed, True, SEEDS), seeds), jobs)
+    return [r for arm_runs in runs for r in arm_runs]
+
+
+def tradeoff_rows(every: dict, base: dict, seeds: int) -> list[list]:
+    """Every (arm, rate) fully evaluated on all seeds, from the final, matched-rate and extra-rate runs: task NLL, NQ
+    change and early loss side by side, so that arms can be read at equal task gain."""
+    by: dict[tuple[str, float], list] = {}
+    for (m, lr, _), r in sorted(every.items()):
+        if "task_nll" in r:
+            by.setdefault((m, lr), []).append(r)
+    return [[m, f"{lr:g}", fmt(mean_std([r["task_nll"] for r in runs])),
+             fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
+             fmt(mean_std([early_loss(r) for r in runs]))]
+            for (m, lr), runs in by.items() if len(runs) == seeds]
 
 
 def matched_rows(matched: dict, base: dict) -> list[list]:
@@ -620,6 +649,7 @@ def command_line(args) -> str:
             f"--val_examples {args.val_examples} --task_examples {args.task_examples} --em_examples {args.em_examples} "
             f"--knowledge_examples {args.knowledge_examples} --lr_extensions {args.lr_extensions} "
             f"--workers {args.workers}" + ("" if args.matched_rates else " --no-matched_rates")
+            + (f" --extra_rates '{args.extra_rates}'" if args.extra_rates else "")
             + (f" --model {args.model}" if args.model else ""))
 
 
@@ -654,12 +684,13 @@ def matched_text(matched, base, seeds) -> str:
                              matched_rows(matched, base)))
 
 
-def report(args, base, sweep, best_lr, results, grids, invocations, matched) -> None:
+def report(args, base, sweep, best_lr, results, grids, invocations, matched, extra_runs=()) -> None:
     methods = list(results)
     every = {(m, lr, 0): r for m in methods for lr, r in sweep[m].items()}
     every.update({(m, r["lr"], r["seed"]): r for m in methods for r in results[m]})
     every.update({(m, r["lr"], r["seed"]): r for by_lr in matched.values() for arms in by_lr.values()
                   for m, runs in arms.items() for r in runs})
+    every.update({(r["method"], r["lr"], r["seed"]): r for r in extra_runs})
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
@@ -692,6 +723,10 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched) -> 
         + markdown_table(["claim", "verdict", "evidence (mean ± std over seeds; paired differences ± standard error)"],
                          verdict_rows),
         *([matched_text(matched, base, args.seeds)] if matched else []),
+        "## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by side "
+        f"(mean ± std over {args.seeds} seeds), so that two arms can be read at equal task gain.\n\n"
+        + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
+                         tradeoff_rows(every, base, args.seeds)),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
@@ -705,6 +740,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched) -> 
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
         "best_lr": best_lr, "verdicts": verdicts(results, base, best_lr), "invocations": invocations,
         "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
+        "extra_rates": list(extra_runs),
         "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}})
     plots(results, base, args.out)  # beside the report (write_report made the folder)
 

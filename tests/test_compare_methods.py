@@ -88,6 +88,20 @@ def test_matched_rate_rows_hold_each_pair_side_by_side_at_every_shared_rate():
     assert rows[1][5] == "**holds**" and rows[1][2].startswith("0.900")
 
 
+def test_tradeoff_rows_list_every_arm_and_rate_complete_over_the_seeds():
+    from benchmarks.compare_methods import tradeoff_rows
+
+    every = {}
+    for m, lr, task, know in (("A", 1e-4, 1.1, 4.4), ("A", 4e-4, 1.0, 4.6), ("B", 1e-4, 1.05, 4.3)):
+        for seed, r in enumerate(seeds(task, know)):
+            every[(m, lr, seed)] = r
+    every[("B", 4e-4, 0)] = seeds(0.9, 4.0)[0]  # one seed only: not a row
+    every[("A", 1.6e-3, 0)] = {"val_nll": 1.0}  # a sweep run without the full evaluation: not a row
+    rows = tradeoff_rows(every, BASE, 3)
+    assert [r[:2] for r in rows] == [["A", "0.0001"], ["A", "0.0004"], ["B", "0.0001"]]
+    assert rows[1][2].startswith("1.000") and rows[1][3].startswith(f"{4.6 - BASE['knowledge_nll']:.3f}")
+
+
 def test_dude_verdict_needs_a_match_and_a_smaller_spread():
     dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
     assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
@@ -103,7 +117,7 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     work, out = tmp_path / "work", tmp_path / "results" / "cmp"
     cmd = [sys.executable, "-m", "benchmarks.compare_methods", "--model", tiny_model_dir,
            "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
-           "--lrs_for", "peft-CorDA-KPM=1e-3",
+           "--lrs_for", "peft-CorDA-KPM=1e-3", "--extra_rates", "LoRA=5e-4",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
            "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
            "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
@@ -134,6 +148,11 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert all([r["seed"] for r in runs] == [0, 1] and all(r["lr"] == float(lr) for r in runs)
                    for runs in arms.values())
     assert "Our CorDA beside peft's at the same learning rates" in report
+    # --extra_rates: LoRA at 5e-4 too, every seed, fully evaluated, in the trade-off table
+    extra = data["extra_rates"]
+    assert sorted((r["method"], r["lr"], r["seed"]) for r in extra) == [("LoRA", 5e-4, 0), ("LoRA", 5e-4, 1)]
+    assert all(r["task_nll"] > 0 and r["knowledge_nll"] > 0 for r in extra)
+    assert "| LoRA | 0.0005 |" in report and "Every arm at every rate run on all seeds" in report
     assert os.path.getsize(f"{out}_loss.png") > 0 and os.path.getsize(f"{out}_knowledge_vs_task.png") > 0
     # a second invocation reuses every finished run and evaluation: nothing trains again
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}

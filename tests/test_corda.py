@@ -175,6 +175,108 @@ def test_covariance_is_mean_outer_product_over_real_tokens():
     assert calib.tokens == int(sum(b["attention_mask"].sum() for b in batches))
 
 
+# --- per-sample max normalisation (peft's and the authors' weighting) ------------------------------------------------
+
+
+def ragged_rows(n: int = 10, seed: int = 5) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (int(k),), generator=g).tolist() for k in torch.randint(5, 25, (n,), generator=g)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_max_normalization_is_each_sample_over_its_own_max(arch):
+    """Against an explicit computation per sample: its real rows divided by |max| of those rows, Σ x xᵀ / tokens.
+    Padded batches with a padding id whose activations would change the max must give the same covariance."""
+    rows = ragged_rows()
+    model = make_tiny(arch)
+    name = "model.layers.1.mlp.down_proj" if arch == "llama" else "transformer.h.1.mlp.c_proj"
+    seen = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0][0].double()))
+    with torch.no_grad():
+        for r in rows:
+            model(input_ids=torch.tensor([r]))
+    h.remove()
+    scaled = torch.cat([x / x.max().abs() for x in seen])
+    expected = scaled.T @ scaled / scaled.shape[0]
+    for batch, pad in ((1, 0), (4, 7)):
+        calib = calibrate(model, corda(), rows_to_batches(rows, batch, pad), sample_normalization="max",
+                          covariance_dtype=torch.float64, sequential=False, verbose=False)
+        assert rel_err(calib.group(name).covariance, expected) < 1e-5  # fp32 activations: batched vs one by one
+    plain = calibrate(model, corda(), rows_to_batches(rows, 4, 7), covariance_dtype=torch.float64, sequential=False,
+                      verbose=False)
+    assert rel_err(plain.group(name).covariance, expected) > 0.1  # the option changes the weighting
+
+
+def test_max_normalization_equals_peft_preprocess_corda(tmp_path):
+    """Our batched calibration with "max" equals peft's preprocess_corda (one sample per forward) on every target, up
+    to peft's scale: it divides the sum by the number of samples, ours by the number of tokens."""
+    from peft import LoraConfig
+
+    from peft_ext._compat import PeftCordaConfig, preprocess_corda
+
+    rows = ragged_rows()
+    ours = calibrate(make_tiny("llama"), corda(), rows_to_batches(rows, 4, 3), sample_normalization="max",
+                     covariance_dtype=torch.float64, sequential=False, verbose=False)
+    model, cov_file = make_tiny("llama"), str(tmp_path / "peft_cov.pt")
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # peft expands
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=linear, init_lora_weights="corda",  # "all-linear" later
+                        corda_config=PeftCordaConfig(covariance_file=cov_file, corda_method="ipm"))
+
+    def run_model():
+        with torch.no_grad():
+            for r in rows:
+                model(input_ids=torch.tensor([r]))
+
+    preprocess_corda(model, config, run_model=run_model)
+    theirs = torch.load(cov_file)
+    assert set(theirs) == set(ours.targets)
+    for name, cov in theirs.items():
+        torch.testing.assert_close(ours.group(name).covariance * ours.tokens / len(rows), cov.double(),
+                                   rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["kpm", "ipm"])
+def test_max_normalization_block_by_block_equals_whole_model_and_keeps_logits(method):
+    rows = ragged_rows()
+    products = []
+    for sequential in (False, True):
+        model = make_tiny("llama")
+        x = sample_input()
+        before = logits(model, x)
+        config = corda(corda_method=method)
+        calibrate(model, config, rows_to_batches(rows, 4), sample_normalization="max",
+                  covariance_dtype=torch.float64, sequential=sequential, verbose=False)
+        assert config.corda_calibration["sample_normalization"] == "max"
+        peft_model = get_peft_model(model, config)
+        torch.testing.assert_close(logits(peft_model, x), before, rtol=1e-4, atol=1e-4)
+        products.append({n: l.lora_B["default"].weight @ l.lora_A["default"].weight
+                         for n, l in peft_ext_layers(peft_model).items()})
+    for n in products[0]:
+        assert rel_err(products[1][n], products[0][n]) < 1e-5, n
+
+
+def test_max_normalization_cache_is_refused_for_the_other_weighting(tmp_path):
+    cache = str(tmp_path / "cov.safetensors")
+    model, batches = make_tiny("llama"), token_batches()
+    calibrate(model, corda(), batches, cache_file=cache, sequential=False, verbose=False)
+    with pytest.raises(ValueError, match="sample_normalization"):
+        calibrate(model, corda(), batches, sample_normalization="max", cache_file=cache, sequential=False,
+                  verbose=False)
+
+
+def test_bad_sample_normalization_is_refused_before_any_forward():
+    model = make_tiny("llama")
+    before = state_snapshot(model)
+    config = corda()
+    calls = []
+    h = model.model.layers[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"sample_normalization='mean'.*Fix: one of 'none', 'max'"):
+        calibrate(model, config, token_batches(), sample_normalization="mean", verbose=False)
+    h.remove()
+    assert not calls and config.peft_ext_runtime.calibration is None
+    assert_same_state(before, model)
+
+
 @pytest.mark.parametrize("arch,per_layer", [("llama", 4), ("qwen2", 4), ("gpt2", 4)])
 def test_one_covariance_per_distinct_input(arch, per_layer):
     _, config = calibrated(arch)
@@ -306,7 +408,8 @@ def fake_prepare(data, tokenizer, **kw):
     return "rows", rows
 import peft_ext.corda.calibration as C
 C.prepare_calibration_data = fake_prepare
-calib = calibrate(make_tiny("llama"), corda(), rows, tokenizer=Tok(), batch_size=3, sequential=False, verbose=False)
+calib = calibrate(make_tiny("llama"), corda(), rows, tokenizer=Tok(), batch_size=3, sequential=False, verbose=False,
+                  sample_normalization=sys.argv[6])
 if rank == 0:
     torch.save({n: calib.group(n).covariance for n in calib.targets} | {"tokens": calib.tokens}, sys.argv[5])
 if world > 1:
@@ -314,16 +417,18 @@ if world > 1:
 """
 
 
-def test_two_ranks_on_two_halves_equal_one_rank_on_all(tmp_path):
+@pytest.mark.parametrize("normalization", ["none", "max"])
+def test_two_ranks_on_two_halves_equal_one_rank_on_all(tmp_path, normalization):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(script), root, "0", "1", "", str(tmp_path / "one.pt")],
+    single = subprocess.run([sys.executable, str(script), root, "0", "1", "", str(tmp_path / "one.pt"), normalization],
                             capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr[-3000:]
     store = str(tmp_path / "store")
-    procs = [subprocess.Popen([sys.executable, str(script), root, str(r), "2", store, str(tmp_path / "two.pt")],
+    procs = [subprocess.Popen([sys.executable, str(script), root, str(r), "2", store, str(tmp_path / "two.pt"),
+                               normalization],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)

@@ -327,10 +327,13 @@ def test_peft_corda_arm_config():
         PeftMethodArguments(peft_method="corda", corda_implementation="x")
 
 
-@pytest.mark.parametrize("flag,expected", [([], None), (["--calibration_sequential", "false"], False),
-                                           (["--calibration_sequential", "true"], True)])
-def test_calibration_sequential_flag_reaches_calibrate(flag, expected, monkeypatch):
-    """`--calibration_sequential` is parsed from the command line and passed to peft_ext.calibrate."""
+@pytest.mark.parametrize("flag,key,expected", [
+    ([], "sequential", None), (["--calibration_sequential", "false"], "sequential", False),
+    (["--calibration_sequential", "true"], "sequential", True), ([], "sample_normalization", "none"),
+    (["--calibration_sample_normalization", "max"], "sample_normalization", "max")])
+def test_calibration_flags_reach_calibrate(flag, key, expected, monkeypatch):
+    """`--calibration_sequential` and `--calibration_sample_normalization` are parsed from the command line and
+    passed to peft_ext.calibrate."""
     import peft_ext
     from trl_recipes.sft import calibrate_corda, parse_args
 
@@ -339,4 +342,11 @@ def test_calibration_sequential_flag_reaches_calibrate(flag, expected, monkeypat
     seen = {}
     monkeypatch.setattr(peft_ext, "calibrate", lambda *a, **k: seen.update(k))
     calibrate_corda(object(), object(), method_args, ["text"], tokenizer=None, verbose=False)
-    assert seen["sequential"] is expected
+    assert seen[key] == expected and type(seen[key]) is type(expected)
+
+
+def test_bad_sample_normalization_flag_is_refused():
+    from trl_recipes.args import PeftMethodArguments
+
+    with pytest.raises(ValueError, match="--calibration_sample_normalization 'mean'.*'none' or 'max'"):
+        PeftMethodArguments(peft_method="corda", calibration_sample_normalization="mean")
