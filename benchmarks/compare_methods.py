@@ -572,17 +572,37 @@ def extra_rate_runs(driver: Driver, extra: dict[str, list[float]], best_lr: dict
     return [r for arm_runs in runs for r in arm_runs]
 
 
-def tradeoff_rows(every: dict, base: dict, seeds: int) -> list[list]:
-    """Every (arm, rate) fully evaluated on all seeds, from the final, matched-rate and extra-rate runs: task NLL, NQ
-    change and early loss side by side, so that arms can be read at equal task gain."""
+def complete_runs(every: dict, seeds: int) -> dict[tuple[str, float], list]:
+    """{(arm, rate): runs ordered by seed} for every (arm, rate) fully evaluated on all seeds."""
     by: dict[tuple[str, float], list] = {}
     for (m, lr, _), r in sorted(every.items()):
         if "task_nll" in r:
             by.setdefault((m, lr), []).append(r)
+    return {key: runs for key, runs in by.items() if len(runs) == seeds}
+
+
+def tradeoff_rows(every: dict, base: dict, seeds: int) -> list[list]:
+    """Every (arm, rate) fully evaluated on all seeds, from the final, matched-rate and extra-rate runs: task NLL, NQ
+    change and early loss side by side, so that arms can be read at equal task gain."""
     return [[m, f"{lr:g}", fmt(mean_std([r["task_nll"] for r in runs])),
              fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
              fmt(mean_std([early_loss(r) for r in runs]))]
-            for (m, lr), runs in by.items() if len(runs) == seeds]
+            for (m, lr), runs in complete_runs(every, seeds).items()]
+
+
+def against_chosen_rows(every: dict, best_lr: dict, base: dict, seeds: int) -> list[list]:
+    """Each of our arms of MATCHED_PAIRS at every rate it ran on all seeds, against peft's arm at peft's own chosen
+    rate, by the "at least as good" rule: is there a rate at which ours is no worse on any measure?"""
+    by, rows = complete_runs(every, seeds), []
+    for ours, theirs in MATCHED_PAIRS:
+        ref = by.get((theirs, best_lr.get(theirs)))
+        for (m, lr), runs in by.items():
+            if m == ours and ref:
+                a, b = f"{ours} at {lr:g}", f"{theirs} at {best_lr[theirs]:g}"
+                d = derived({a: runs, b: ref}, base)
+                _, verdict, evidence = _at_least_as_good_claim(a, d[a], b, d[b])
+                rows.append([a, b, f"**{verdict}**", evidence])
+    return rows
 
 
 def matched_rows(matched: dict, base: dict) -> list[list]:
@@ -726,7 +746,11 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched, ext
         "## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by side "
         f"(mean ± std over {args.seeds} seeds), so that two arms can be read at equal task gain.\n\n"
         + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
-                         tradeoff_rows(every, base, args.seeds)),
+                         tradeoff_rows(every, base, args.seeds))
+        + "\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" rule, "
+        "paired by seed):\n\n" + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences "
+                                                 "± standard error)"], against_chosen_rows(every, best_lr, base,
+                                                                                            args.seeds)),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(

@@ -102,6 +102,21 @@ def test_tradeoff_rows_list_every_arm_and_rate_complete_over_the_seeds():
     assert rows[1][2].startswith("1.000") and rows[1][3].startswith(f"{4.6 - BASE['knowledge_nll']:.3f}")
 
 
+def test_against_chosen_rows_hold_each_rate_of_ours_against_peft_at_its_own_rate():
+    from benchmarks.compare_methods import against_chosen_rows
+
+    every = {}
+    for m, lr, task, know in (("CorDA-IPM", 1e-4, 1.10, 4.0), ("CorDA-IPM", 2e-4, 0.99, 4.0),
+                              ("peft-CorDA-IPM", 1e-4, 1.01, 4.0), ("peft-CorDA-IPM", 2e-4, 0.90, 3.0)):
+        for seed, r in enumerate(seeds(task, know)):
+            every[(m, lr, seed)] = r
+    rows = against_chosen_rows(every, {"CorDA-IPM": 4e-4, "peft-CorDA-IPM": 1e-4}, BASE, 3)
+    assert [r[:3] for r in rows] == [["CorDA-IPM at 0.0001", "peft-CorDA-IPM at 0.0001", "**does not hold**"],
+                                     ["CorDA-IPM at 0.0002", "peft-CorDA-IPM at 0.0001", "**holds**"]]
+    assert "GSM8K test NLL" in rows[0][3] and "worse: GSM8K test NLL" in rows[0][3]
+    assert against_chosen_rows(every, {"CorDA-IPM": 4e-4}, BASE, 3) == []  # peft's arm did not run
+
+
 def test_dude_verdict_needs_a_match_and_a_smaller_spread():
     dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
     assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
