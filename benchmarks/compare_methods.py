@@ -590,6 +590,17 @@ def tradeoff_rows(every: dict, base: dict, seeds: int) -> list[list]:
             for (m, lr), runs in complete_runs(every, seeds).items()]
 
 
+def shared_rates(every: dict, seeds: int) -> dict[str, dict[float, dict[str, list]]]:
+    """Each pair of MATCHED_PAIRS at every rate both of its arms ran on all seeds (the matched-rate runs, and any
+    `--extra_rates` given to both): {"OURS vs THEIRS": {lr: {arm: runs}}}."""
+    by, out = complete_runs(every, seeds), {}
+    for ours, theirs in MATCHED_PAIRS:
+        for (m, lr), runs in by.items():
+            if m == ours and (theirs, lr) in by:
+                out.setdefault(f"{ours} vs {theirs}", {})[lr] = {ours: runs, theirs: by[(theirs, lr)]}
+    return out
+
+
 def against_chosen_rows(every: dict, best_lr: dict, base: dict, seeds: int) -> list[list]:
     """Each of our arms of MATCHED_PAIRS at every rate it ran on all seeds, against peft's arm at peft's own chosen
     rate, by the "at least as good" rule: is there a rate at which ours is no worse on any measure?"""
@@ -696,8 +707,9 @@ def setup_text(args, model, grids) -> str:
 def matched_text(matched, base, seeds) -> str:
     return ("## Our CorDA beside peft's at the same learning rates\n\nEach arm's own best rate is picked on seed 0 "
             "alone, so two arms can be held against each other at rates that differ by selection noise. Here our "
-            f"balanced arm and peft's arm of the same mode also run at each other's chosen rate ({seeds} seeds, the "
-            "same batches), and the \"at least as good\" rule is applied at each shared rate. Cells: ours / peft's, "
+            f"arms and peft's arm of the same mode also run at each other's chosen rate, and at any rate "
+            f"`--extra_rates` gave both ({seeds} seeds, the same batches), and the \"at least as good\" rule is applied "
+            "at each shared rate. Cells: ours / peft's, "
             "mean ± std over seeds.\n\n"
             + markdown_table(["pair", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", "train loss, steps 2 to half",
                               "at least as good", "evidence (paired differences ± standard error)"],
@@ -711,6 +723,8 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched, ext
     every.update({(m, r["lr"], r["seed"]): r for by_lr in matched.values() for arms in by_lr.values()
                   for m, runs in arms.items() for r in runs})
     every.update({(r["method"], r["lr"], r["seed"]): r for r in extra_runs})
+    if matched:  # the matched-rate table also holds the rates that --extra_rates gave both arms of a pair
+        matched = shared_rates(every, args.seeds)
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],

@@ -117,6 +117,20 @@ def test_against_chosen_rows_hold_each_rate_of_ours_against_peft_at_its_own_rate
     assert against_chosen_rows(every, {"CorDA-IPM": 4e-4}, BASE, 3) == []  # peft's arm did not run
 
 
+def test_shared_rates_pair_our_arm_and_peft_wherever_both_ran_every_seed():
+    from benchmarks.compare_methods import shared_rates
+
+    every = {}
+    for m, lr in (("CorDA-IPM", 1e-4), ("CorDA-IPM", 2e-4), ("peft-CorDA-IPM", 2e-4), ("peft-CorDA-IPM", 4e-4)):
+        for seed, r in enumerate(seeds(1.0, 4.0)):
+            every[(m, lr, seed)] = r
+    every[("CorDA-IPM", 4e-4, 0)] = seeds(1.0, 4.0)[0]  # one seed only
+    shared = shared_rates(every, 3)
+    assert list(shared) == ["CorDA-IPM vs peft-CorDA-IPM"]
+    assert list(shared["CorDA-IPM vs peft-CorDA-IPM"]) == [2e-4]
+    assert list(shared["CorDA-IPM vs peft-CorDA-IPM"][2e-4]) == ["CorDA-IPM", "peft-CorDA-IPM"]
+
+
 def test_dude_verdict_needs_a_match_and_a_smaller_spread():
     dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
     assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
