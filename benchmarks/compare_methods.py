@@ -309,7 +309,9 @@ def verdicts(results: dict, base: dict, best_lr: dict | None = None) -> list[tup
 # --- plots ----------------------------------------------------------------------------------------------------------
 
 
-def plots(results, base, out_prefix):
+def plots(results, base, out_prefix, curves=None):
+    """Loss curves and knowledge change vs task gain at each arm's chosen rate; with `curves` ({arm: {lr: runs}},
+    arms with several rates), the arms along their rates too."""
     from trl_recipes.plots import pyplot
 
     plt = pyplot()
@@ -345,6 +347,29 @@ def plots(results, base, out_prefix):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_prefix + "_knowledge_vs_task.png", dpi=120)
+    plt.close(fig)
+    if curves:
+        tradeoff_plot(plt, curves, base, out_prefix + "_tradeoff.png")
+
+
+def tradeoff_plot(plt, curves: dict, base: dict, path: str) -> None:
+    """Each arm that ran several rates on all seeds as a curve through its (task gain, forgetting) means, by rate."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for method, by_lr in curves.items():
+        points = sorted(by_lr.items())
+        d = derived({lr: runs for lr, runs in points}, base)
+        xs = [statistics.mean(d[lr]["gain"]) for lr, _ in points]
+        ys = [statistics.mean(d[lr]["forget"]) for lr, _ in points]
+        ax.plot(xs, ys, "o-", label=method)
+        for (lr, _), x, y in zip(points, xs, ys):
+            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set(xlabel="task gain: GSM8K test answer NLL decrease →", ylabel="forgetting: NQ-open gold NLL increase ↓",
+           title="each arm along its learning rates (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -475,7 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def method_grids(spec: str, methods: list[str], default: list[float], flag: str = "--lrs_for") -> dict[str, list[float]]:
+def method_grids(spec: str, methods: list[str], default: list[float],
+                 flag: str = "--lrs_for") -> dict[str, list[float]]:
     """`--lrs_for` (or `--extra_rates`) 'M=a,b,c;N=...' over the default grid; an unknown method or a bad number
     exits with the fix."""
     grids = {m: default for m in methods}
@@ -708,23 +734,49 @@ def matched_text(matched, base, seeds) -> str:
     return ("## Our CorDA beside peft's at the same learning rates\n\nEach arm's own best rate is picked on seed 0 "
             "alone, so two arms can be held against each other at rates that differ by selection noise. Here our "
             f"arms and peft's arm of the same mode also run at each other's chosen rate, and at any rate "
-            f"`--extra_rates` gave both ({seeds} seeds, the same batches), and the \"at least as good\" rule is applied "
-            "at each shared rate. Cells: ours / peft's, "
+            f"`--extra_rates` gave both ({seeds} seeds, the same batches), and the \"at least as good\" rule is "
+            "applied at each shared rate. Cells: ours / peft's, "
             "mean ± std over seeds.\n\n"
             + markdown_table(["pair", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", "train loss, steps 2 to half",
                               "at least as good", "evidence (paired differences ± standard error)"],
                              matched_rows(matched, base)))
 
 
-def report(args, base, sweep, best_lr, results, grids, invocations, matched, extra_runs=()) -> None:
-    methods = list(results)
-    every = {(m, lr, 0): r for m in methods for lr, r in sweep[m].items()}
-    every.update({(m, r["lr"], r["seed"]): r for m in methods for r in results[m]})
+def all_runs(sweep, results, matched, extra_runs) -> dict:
+    """{(arm, lr, seed): run} over the sweep, the final, the matched-rate and the extra-rate runs."""
+    every = {(m, lr, 0): r for m in results for lr, r in sweep[m].items()}
+    every.update({(m, r["lr"], r["seed"]): r for m in results for r in results[m]})
     every.update({(m, r["lr"], r["seed"]): r for by_lr in matched.values() for arms in by_lr.values()
                   for m, runs in arms.items() for r in runs})
     every.update({(r["method"], r["lr"], r["seed"]): r for r in extra_runs})
+    return every
+
+
+def rate_curves(every: dict, seeds: int) -> dict[str, dict[float, list]]:
+    """{arm: {lr: runs}} for the arms fully evaluated on all seeds at more than one rate."""
+    curves: dict = {}
+    for (m, lr), runs in complete_runs(every, seeds).items():
+        curves.setdefault(m, {})[lr] = runs
+    return {m: c for m, c in curves.items() if len(c) > 1}
+
+
+def tradeoff_text(every, best_lr, base, seeds: int, half: int) -> str:
+    return ("## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by "
+            f"side (mean ± std over {seeds} seeds), so that two arms can be read at equal task gain.\n\n"
+            + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
+                             tradeoff_rows(every, base, seeds))
+            + "\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" "
+            "rule, paired by seed):\n\n"
+            + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences ± standard error)"],
+                             against_chosen_rows(every, best_lr, base, seeds)))
+
+
+def report(args, base, sweep, best_lr, results, grids, invocations, matched, extra_runs=()) -> None:
+    methods = list(results)
+    every = all_runs(sweep, results, matched, extra_runs)
     if matched:  # the matched-rate table also holds the rates that --extra_rates gave both arms of a pair
         matched = shared_rates(every, args.seeds)
+    curves = rate_curves(every, args.seeds)
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
@@ -757,14 +809,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched, ext
         + markdown_table(["claim", "verdict", "evidence (mean ± std over seeds; paired differences ± standard error)"],
                          verdict_rows),
         *([matched_text(matched, base, args.seeds)] if matched else []),
-        "## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by side "
-        f"(mean ± std over {args.seeds} seeds), so that two arms can be read at equal task gain.\n\n"
-        + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
-                         tradeoff_rows(every, base, args.seeds))
-        + "\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" rule, "
-        "paired by seed):\n\n" + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences "
-                                                 "± standard error)"], against_chosen_rows(every, best_lr, base,
-                                                                                            args.seeds)),
+        tradeoff_text(every, best_lr, base, args.seeds, half),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
@@ -772,7 +817,8 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched, ext
         f"Timing: seconds per step and peak memory come from these training runs, {args.workers} at a time on a "
         f"shared machine (median over seeds); they rank the methods only roughly. Clean side-by-side step times are "
         f"in [dude_smollm2.md](dude_smollm2.md) and [corda_smollm2.md](corda_smollm2.md).",
-        f"Plots: [loss curves]({name}_loss.png), [knowledge change vs task gain]({name}_knowledge_vs_task.png).",
+        f"Plots: [loss curves]({name}_loss.png), [knowledge change vs task gain]({name}_knowledge_vs_task.png)"
+        + (f", [each arm along its rates]({name}_tradeoff.png)" if curves else "") + ".",
     ])
     write_report(args.out + ".md", text, {
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
@@ -780,7 +826,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched, ext
         "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
         "extra_rates": list(extra_runs),
         "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}})
-    plots(results, base, args.out)  # beside the report (write_report made the folder)
+    plots(results, base, args.out, curves)  # beside the report (write_report made the folder)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     work, out = tmp_path / "work", tmp_path / "results" / "cmp"
     cmd = [sys.executable, "-m", "benchmarks.compare_methods", "--model", tiny_model_dir,
            "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
-           "--lrs_for", "peft-CorDA-KPM=1e-3", "--extra_rates", "LoRA=5e-4",
+           "--lrs_for", "peft-CorDA-KPM=1e-3", "--extra_rates", "LoRA=3e-3",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
            "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
            "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
@@ -177,11 +177,13 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert all([r["seed"] for r in runs] == [0, 1] and all(r["lr"] == float(lr) for r in runs)
                    for runs in arms.values())
     assert "Our CorDA beside peft's at the same learning rates" in report
-    # --extra_rates: LoRA at 5e-4 too, every seed, fully evaluated, in the trade-off table
+    # --extra_rates: LoRA at 3e-3 too (never in its sweep), every seed, fully evaluated, in the trade-off table and
+    # its plot (LoRA now has two rates on all seeds)
     extra = data["extra_rates"]
-    assert sorted((r["method"], r["lr"], r["seed"]) for r in extra) == [("LoRA", 5e-4, 0), ("LoRA", 5e-4, 1)]
+    assert sorted((r["method"], r["lr"], r["seed"]) for r in extra) == [("LoRA", 3e-3, 0), ("LoRA", 3e-3, 1)]
     assert all(r["task_nll"] > 0 and r["knowledge_nll"] > 0 for r in extra)
-    assert "| LoRA | 0.0005 |" in report and "Every arm at every rate run on all seeds" in report
+    assert "| LoRA | 0.003 |" in report and "Every arm at every rate run on all seeds" in report
+    assert "_tradeoff.png" in report and os.path.getsize(f"{out}_tradeoff.png") > 0
     assert os.path.getsize(f"{out}_loss.png") > 0 and os.path.getsize(f"{out}_knowledge_vs_task.png") > 0
     # a second invocation reuses every finished run and evaluation: nothing trains again
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}

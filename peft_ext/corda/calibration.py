@@ -193,8 +193,9 @@ def data_fingerprint(kind: str, items) -> str:
 def calibrate(
     model: nn.Module, config, data, *, tokenizer=None, num_samples: int = 256, max_length: int = 256,
     batch_size: int = 8, seed: int = 0, text_field=None, covariance_dtype: torch.dtype = torch.float32,
-    sample_normalization: str = "none", cache_file: Optional[str] = None, shard: Optional[bool] = None, sequential: Optional[bool] = None,
-    hidden_states_device: Optional[Union[str, torch.device]] = None, verbose: bool = True,
+    sample_normalization: str = "none", cache_file: Optional[str] = None, shard: Optional[bool] = None,
+    sequential: Optional[bool] = None, hidden_states_device: Optional[Union[str, torch.device]] = None,
+    verbose: bool = True,
 ) -> Calibration:
     """Collect each target layer's input covariance for CorDA; call it on the base model, then get_peft_model.
 
@@ -209,10 +210,8 @@ def calibrate(
             tokens per sample (truncation). batch_size: samples per forward (padded positions are masked out).
         covariance_dtype: torch.float32 (default) or torch.float64 accumulation; float64 also makes the
             decomposition run in float64.
-        sample_normalization: "none" (default): every real token weighs the same, C = Σ x xᵀ / tokens. "max": each
-            sample's activations are divided by their maximum (per layer input, over the sample's real tokens)
-            before summing, as peft's and the CorDA authors' `preprocess_corda` do; samples with large activations
-            then weigh less. Recorded in the fingerprint and in the saved config's `corda_calibration`.
+        sample_normalization: "none" (default): C = Σ x xᵀ / real tokens. "max": each sample's activations divided by
+            their maximum (per layer input, over its real tokens) before summing, as peft's `preprocess_corda` does.
         cache_file: whole-model: a .safetensors path, read if it exists (refused when built for another model,
             target set or data), written otherwise. Block by block: a folder of per-block files, so that an
             interrupted calibration restarts at the first unfinished block (a whole-model cache file at that path
@@ -244,18 +243,25 @@ def calibrate(
         hidden_device = torch.device(hidden_states_device) if hidden_states_device else None
         calib = calibrate_sequential(model, config, blocks, batches, fingerprint=fingerprint, cache_dir=cache_file,
                                      covariance_dtype=covariance_dtype, sample_normalization=sample_normalization,
-                                     hidden_device=hidden_device,
-                                     verbose=verbose and rank == 0)
+                                     hidden_device=hidden_device, verbose=verbose and rank == 0)
         barrier()
-        return _attach(config, calib, verbose and rank == 0)
-    collector = Collector(names, covariance_dtype, sample_normalization)
-    _run_forwards(model, names, batches, collector, verbose=verbose and rank == 0)
+    else:
+        collector = Collector(names, covariance_dtype, sample_normalization)
+        calib = _whole_model_pass(model, names, batches, collector, fingerprint, cache_file, verbose and rank == 0)
+    return _attach(config, calib, verbose and rank == 0)
+
+
+def _whole_model_pass(model: nn.Module, names: list[str], batches: list[dict], collector: Collector,
+                      fingerprint: dict, cache_file: Optional[str], verbose: bool) -> Calibration:
+    """Every batch through the whole model, the sums reduced over the ranks; the cache file written (rank 0)."""
+    rank, world = dist_info()
+    _run_forwards(model, names, batches, collector, verbose=verbose)
     calib = Calibration(reduced_groups(collector.groups, world), fingerprint, source="computed")
     if cache_file is not None:
         if rank == 0:
             save_cache(cache_file, calib)
         barrier()
-    return _attach(config, calib, verbose and rank == 0)
+    return calib
 
 
 def calibration_fingerprint(model, names: list[str], kind: str, items, max_length: int, covariance_dtype,
