@@ -340,14 +340,8 @@ def plots(results, base, out_prefix, curves=None):
         dots = ax.scatter(gain, forget, alpha=0.35)
         ax.errorbar(statistics.mean(gain), statistics.mean(forget), xerr=mean_std(gain)[1],
                     yerr=mean_std(forget)[1], fmt="o", capsize=3, color=dots.get_facecolor()[0][:3], label=method)
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="task gain: GSM8K test answer NLL decrease →", ylabel="forgetting: NQ-open gold NLL increase ↓",
-           title="knowledge change vs task gain (dots: seeds; bars: mean ± std)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_prefix + "_knowledge_vs_task.png", dpi=120)
-    plt.close(fig)
+    _save_gain_forget(plt, fig, ax, "knowledge change vs task gain (dots: seeds; bars: mean ± std)",
+                      out_prefix + "_knowledge_vs_task.png")
     if curves:
         tradeoff_plot(plt, curves, base, out_prefix + "_tradeoff.png")
 
@@ -363,9 +357,14 @@ def tradeoff_plot(plt, curves: dict, base: dict, path: str) -> None:
         ax.plot(xs, ys, "o-", label=method)
         for (lr, _), x, y in zip(points, xs, ys):
             ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    _save_gain_forget(plt, fig, ax, "each arm along its learning rates (mean over seeds)", path)
+
+
+def _save_gain_forget(plt, fig, ax, title: str, path: str) -> None:
+    """The task-gain (x) vs forgetting (y) axes, labelled, written to `path`."""
     ax.axhline(0, color="gray", lw=0.8)
     ax.set(xlabel="task gain: GSM8K test answer NLL decrease →", ylabel="forgetting: NQ-open gold NLL increase ↓",
-           title="each arm along its learning rates (mean over seeds)")
+           title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
