@@ -161,6 +161,11 @@ def plan_numbers(n: int, max_length: int) -> dict:
     return plan(shape, method="corda", samples=n, max_length=max_length, world=1, act_bytes=4)
 
 
+def _median_total_s(runs: list[dict]) -> float:
+    """Median over rounds of calibration + decomposition seconds."""
+    return median([r["calibration_s"] + r["decomposition_s"] for r in runs])
+
+
 def part_smol(args, opts: list[str]) -> tuple[list, dict]:
     """Part 1, interleaved over rounds: for each mode, peft, whole-model, block by block; medians."""
     kinds = ("peft", "whole", "sequential")
@@ -178,7 +183,7 @@ def part_smol(args, opts: list[str]) -> tuple[list, dict]:
         kind, mode = key.split("/")
         med = {f: median([r[f] for r in runs]) for f in runs[0]}
         rows.append([mode.upper(), kind, med["calibration_s"], med["decomposition_s"],
-                     median([r["calibration_s"] + r["decomposition_s"] for r in runs]), med["calibration_peak_mb"],
+                     _median_total_s(runs), med["calibration_peak_mb"],
                      med["total_peak_mb"], predicted[kind] / 2**20])
     return rows, raw
 
@@ -290,8 +295,7 @@ def smol_goals(raw: dict) -> list:
         def get(kind, field):
             return median([r[field] for r in raw[f"{kind}/{mode}"]])
 
-        total = {k: median([r["calibration_s"] + r["decomposition_s"] for r in raw[f"{k}/{mode}"]])
-                 for k in ("peft", "sequential")}
+        total = {k: _median_total_s(raw[f"{k}/{mode}"]) for k in ("peft", "sequential")}
         goals.append(_goal(f"{mode.upper()} block by block extra peak / peft's",
                            get("sequential", "total_peak_mb") / get("peft", "total_peak_mb"), 0.2))
         goals.append(_goal(f"{mode.upper()} block by block total time / peft's", total["sequential"] / total["peft"],

@@ -534,7 +534,7 @@ def main() -> None:
     t0 = time.time()
     driver = Driver(args)
     try:
-        base, sweep, best_lr, results, matched = run_all(driver, methods, grids)
+        base, sweep, best_lr, results, matched_rate_runs = run_all(driver, methods, grids)
         extra_runs = extra_rate_runs(driver, extra, best_lr)
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
@@ -549,12 +549,12 @@ def main() -> None:
                             "trained": driver.trained, "evaluated": driver.evaluated})
         with open(log_file, "w") as f:
             json.dump(invocations, f, indent=1)
-    report(args, base, sweep, best_lr, results, grids, invocations, matched, extra_runs)
+    report(args, base, sweep, best_lr, results, grids, invocations, matched_rate_runs, extra_runs)
 
 
-def run_all(driver: Driver, methods: list[str], grids: dict) -> tuple[dict, dict, dict, dict, dict]:
+def run_all(driver: Driver, methods: list[str], grids: dict) -> tuple[dict, dict, dict, dict, list]:
     """The base model's evaluation beside every method's sweep and seeds, then the matched-rate runs:
-    (base, sweep, best_lr, results, matched)."""
+    (base, sweep, best_lr, results, matched-rate runs)."""
     driver.plan(sum(len(grids[m]) + driver.args.seeds for m in methods))  # seed 0 at the chosen rate: its full eval
 
     def work(key):
@@ -566,25 +566,18 @@ def run_all(driver: Driver, methods: list[str], grids: dict) -> tuple[dict, dict
     sweep = {m: o[0] for m, o in zip(methods, outcome)}
     best_lr = {m: o[1] for m, o in zip(methods, outcome)}
     results = {m: o[2] for m, o in zip(methods, outcome)}
-    matched = matched_runs(driver, best_lr, results) if driver.args.matched_rates else {}
-    return base, sweep, best_lr, results, matched
+    return base, sweep, best_lr, results, matched_runs(driver, best_lr) if driver.args.matched_rates else []
 
 
-def matched_runs(driver: Driver, best_lr: dict, results: dict) -> dict[str, dict[float, dict[str, list]]]:
-    """`--matched_rates`: each pair of MATCHED_PAIRS at both of its chosen rates, every seed (the runs at an arm's own
-    rate are its final runs). {"OURS vs THEIRS": {lr: {arm: runs}}}; only pairs whose two arms both ran."""
+def matched_runs(driver: Driver, best_lr: dict) -> list[dict]:
+    """`--matched_rates`: each pair of MATCHED_PAIRS (both arms run) at both of its chosen rates, every seed: the runs
+    beside each arm's final runs at its own rate (`shared_rates` pairs them up for the report)."""
     seeds = list(range(driver.args.seeds))
-    jobs = {(pair, lr, arm): None for pair in MATCHED_PAIRS if set(pair) <= best_lr.keys()
-            for lr in sorted({best_lr[pair[0]], best_lr[pair[1]]}) for arm in pair}
-    todo = [(arm, lr) for _, lr, arm in jobs if lr != best_lr[arm]]
+    todo = list(dict.fromkeys((arm, best_lr[other]) for pair in MATCHED_PAIRS if set(pair) <= best_lr.keys()
+                              for arm, other in (pair, pair[::-1]) if best_lr[other] != best_lr[arm]))
     driver.plan(len(todo) * len(seeds))
-    ran = dict(zip(todo, parallel(lambda job: parallel(lambda seed: driver.run(*job, seed, True, SEEDS), seeds),
-                                  todo)))
-    out: dict[str, dict[float, dict[str, list]]] = {}
-    for pair, lr, arm in jobs:
-        runs = results[arm] if lr == best_lr[arm] else ran[(arm, lr)]
-        out.setdefault(" vs ".join(pair), {}).setdefault(lr, {})[arm] = runs
-    return out
+    runs = parallel(lambda job: parallel(lambda seed: driver.run(*job, seed, True, SEEDS), seeds), todo)
+    return [r for job_runs in runs for r in job_runs]
 
 
 def extra_rate_runs(driver: Driver, extra: dict[str, list[float]], best_lr: dict) -> list[dict]:
@@ -741,13 +734,11 @@ def matched_text(matched, base, seeds) -> str:
                              matched_rows(matched, base)))
 
 
-def all_runs(sweep, results, matched, extra_runs) -> dict:
+def all_runs(sweep, results, matched_rate_runs, extra_runs) -> dict:
     """{(arm, lr, seed): run} over the sweep, the final, the matched-rate and the extra-rate runs."""
     every = {(m, lr, 0): r for m in results for lr, r in sweep[m].items()}
     every.update({(m, r["lr"], r["seed"]): r for m in results for r in results[m]})
-    every.update({(m, r["lr"], r["seed"]): r for by_lr in matched.values() for arms in by_lr.values()
-                  for m, runs in arms.items() for r in runs})
-    every.update({(r["method"], r["lr"], r["seed"]): r for r in extra_runs})
+    every.update({(r["method"], r["lr"], r["seed"]): r for r in [*matched_rate_runs, *extra_runs]})
     return every
 
 
@@ -770,11 +761,11 @@ def tradeoff_text(every, best_lr, base, seeds: int, half: int) -> str:
                              against_chosen_rows(every, best_lr, base, seeds)))
 
 
-def report(args, base, sweep, best_lr, results, grids, invocations, matched, extra_runs=()) -> None:
+def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate_runs, extra_runs=()) -> None:
     methods = list(results)
-    every = all_runs(sweep, results, matched, extra_runs)
-    if matched:  # the matched-rate table also holds the rates that --extra_rates gave both arms of a pair
-        matched = shared_rates(every, args.seeds)
+    every = all_runs(sweep, results, matched_rate_runs, extra_runs)
+    # each pair at every rate both arms ran on all seeds: their chosen rates, and any --extra_rates given to both
+    matched = shared_rates(every, args.seeds) if args.matched_rates else {}
     curves = rate_curves(every, args.seeds)
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})

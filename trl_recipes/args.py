@@ -10,6 +10,7 @@ from peft import LoraConfig
 
 from peft_ext import CorDAConfig, DuDeConfig
 from peft_ext._compat import PeftCordaConfig
+from peft_ext.corda.covariance import SAMPLE_NORMALIZATIONS
 
 PEFT_METHODS = ("lora", "pissa", "dora", "dude", "corda")
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -105,9 +106,9 @@ class PeftMethodArguments:
             raise ValueError(f"--peft_method {self.peft_method!r} is not one of {', '.join(PEFT_METHODS)}.")
         if self.corda_method not in ("kpm", "ipm"):
             raise ValueError(f"--corda_method {self.corda_method!r}: use 'kpm' or 'ipm'.")
-        if self.calibration_sample_normalization not in ("none", "max"):
+        if self.calibration_sample_normalization not in SAMPLE_NORMALIZATIONS:
             raise ValueError(f"--calibration_sample_normalization {self.calibration_sample_normalization!r}: use "
-                             f"'none' or 'max'.")
+                             f"{' or '.join(map(repr, SAMPLE_NORMALIZATIONS))}.")
         if self.corda_implementation not in ("peft_ext", "peft"):
             raise ValueError(f"--corda_implementation {self.corda_implementation!r}: use 'peft_ext' or 'peft'.")
         peft_residual = self.peft_method == "pissa" or (self.peft_method == "corda" and self.corda_implementation == "peft")

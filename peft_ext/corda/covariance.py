@@ -220,8 +220,9 @@ def per_sample_max_scales(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtyp
     xs = x.reshape(*mask.shape, x.shape[-1]) if x.dim() == 2 else x
     real = mask[..., None]
     peak = xs.masked_fill(~real, float("-inf")).amax(dim=(1, 2)).abs()
-    peak = torch.where(peak == 0, xs.abs().masked_fill(~real, 0).amax(dim=(1, 2)), peak)
-    peak = torch.where(peak == 0, torch.ones_like(peak), peak)
+    if bool((peak == 0).any()):  # rare: a second pass over the activations only then
+        peak = torch.where(peak == 0, xs.abs().masked_fill(~real, 0).amax(dim=(1, 2)), peak)
+        peak = torch.where(peak == 0, torch.ones_like(peak), peak)
     return (1.0 / peak.to(dtype))[:, None].expand(mask.shape)[mask]
 
 
