@@ -436,25 +436,51 @@ class Driver:
                 "seed": seed, "method": method, "init_factor_norms": metrics.get("init_factor_norms")}
 
     def method(self, method, lrs) -> tuple[dict, float, list]:
-        """Sweep on seed 0 (selected on the validation NLL), extend past a winning edge, then the other seeds."""
+        """Sweep on seed 0 (selected on the validation NLL), extend past a winning edge, refine around the winner,
+        then the other seeds."""
         a = self.args
         sweep = dict(zip(lrs, parallel(lambda lr: self.run(method, lr, 0, False, GRID), lrs)))
         # a best rate on the edge of the grid is not a best rate: extend the grid one step beyond that edge
         # (geometric, same ratio as the grid's outer step), at most --lr_extensions times
         for _ in range(a.lr_extensions):
-            tried = sorted(sweep)
-            best = min(tried, key=lambda lr: sweep[lr]["val_nll"])
-            if len(tried) > 1 and best == tried[-1]:
-                nxt = float(f"{best * tried[-1] / tried[-2]:.2g}")
-            elif len(tried) > 1 and best == tried[0]:
-                nxt = float(f"{best * tried[0] / tried[1]:.2g}")
-            else:
+            nxt = extension_rate(sweep)
+            if nxt is None:
                 break
             self.plan(1)
             sweep[nxt] = self.run(method, nxt, 0, False, EXTENSION)
-        best = min(sweep, key=lambda lr: sweep[lr]["val_nll"])
+        # --lr_refine: halve the grid's step on both sides of the winner (the same rule for every arm)
+        for _ in range(a.lr_refine):
+            mids = refinement_rates(sweep)
+            self.plan(len(mids))
+            sweep.update(zip(mids, parallel(lambda lr: self.run(method, lr, 0, False, EXTENSION), mids)))
+        best = best_rate(sweep)
         runs = parallel(lambda seed: self.run(method, best, seed, True, SEEDS), list(range(a.seeds)))
         return sweep, best, runs
+
+
+def best_rate(sweep: dict) -> float:
+    """The rate of the lowest validation NLL among the swept ones."""
+    return min(sweep, key=lambda lr: sweep[lr]["val_nll"])
+
+
+def extension_rate(sweep: dict) -> float | None:
+    """One step past the grid's edge when the best rate sits on it (the ratio of that edge's step), else None."""
+    tried, best = sorted(sweep), best_rate(sweep)
+    if len(tried) > 1 and best == tried[-1]:
+        return float(f"{best * tried[-1] / tried[-2]:.2g}")
+    if len(tried) > 1 and best == tried[0]:
+        return float(f"{best * tried[0] / tried[1]:.2g}")
+    return None
+
+
+def refinement_rates(sweep: dict) -> list[float]:
+    """The geometric midpoints (2 significant digits) between the best rate and its nearest swept neighbour below
+    and above: the rates that halve the grid's step (in log space) around the winner, not yet swept."""
+    tried, best = sorted(sweep), best_rate(sweep)
+    i = tried.index(best)
+    neighbours = tried[max(i - 1, 0):i] + tried[i + 1:i + 2]
+    mids = [float(f"{(best * n) ** 0.5:.2g}") for n in neighbours]
+    return [lr for lr in dict.fromkeys(mids) if lr not in sweep]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "two extension runs each are not spent again")
     ap.add_argument("--lr_extensions", type=int, default=2,
                     help="extend the grid past an edge that wins, this many steps at most")
+    ap.add_argument("--lr_refine", type=int, default=0,
+                    help="after the grid and its extensions, this many times: also sweep the geometric midpoints "
+                         "between the winning rate and its swept neighbours (a 4x grid becomes 2x around the winner)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch_size", type=int, default=4)
@@ -697,7 +726,7 @@ def command_line(args) -> str:
             f"{args.max_length} --train_pool {args.train_pool} --calibration_samples {args.calibration_samples} "
             f"--val_examples {args.val_examples} --task_examples {args.task_examples} --em_examples {args.em_examples} "
             f"--knowledge_examples {args.knowledge_examples} --lr_extensions {args.lr_extensions} "
-            f"--workers {args.workers}" + ("" if args.matched_rates else " --no-matched_rates")
+            + (f"--lr_refine {args.lr_refine} " if args.lr_refine else "") + f"--workers {args.workers}" + ("" if args.matched_rates else " --no-matched_rates")
             + (f" --extra_rates '{args.extra_rates}'" if args.extra_rates else "")
             + (f" --model {args.model}" if args.model else ""))
 
@@ -712,7 +741,10 @@ def setup_text(args, model, grids) -> str:
         f"(a seed fixes the batches, the same for every method, and LoRA's random init). Learning rate: the best of "
         f"the grid {args.lrs} (other grids: {grid_text}) on seed 0 by the answer NLL of {args.val_examples} problems "
         f"held out from GSM8K train; a rate winning on the grid's edge extends the grid one step past it (up to "
-        f"{args.lr_extensions} time(s)). Task: GSM8K test, answer NLL on {args.task_examples} problems"
+        f"{args.lr_extensions} time(s))"
+        + (f"; then, {args.lr_refine} time(s), the geometric midpoints between the winner and its swept neighbours "
+           f"are swept too (`--lr_refine`: a 4× grid becomes 2× around the winner)" if args.lr_refine else "")
+        + f". Task: GSM8K test, answer NLL on {args.task_examples} problems"
         + (f", exact match of the final number on the first {args.em_examples} (greedy, ≤ {args.task_max_new_tokens} "
            f"new tokens)" if args.em_examples else "")
         + f". Knowledge: NQ-open dev, {args.knowledge_examples} questions, gold-answer NLL and normalised exact match "

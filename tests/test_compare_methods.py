@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from benchmarks.common import paired
-from benchmarks.compare_methods import early_loss, verdicts
+from benchmarks.compare_methods import early_loss, extension_rate, refinement_rates, verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -138,6 +138,31 @@ def test_dude_verdict_needs_a_match_and_a_smaller_spread():
         "matches, spread not smaller"
     assert verdict_of({"DoRA": dora, "DuDe": seeds(1.00, 4.5)}, "DuDe") == "does not hold"
     assert [c for c, _, _ in verdicts({"DoRA": dora}, BASE)] == []  # only the claims whose methods ran
+
+
+def sweep_of(val_by_lr: dict) -> dict:
+    return {lr: {"val_nll": v} for lr, v in val_by_lr.items()}
+
+
+def test_grid_extends_past_a_winning_edge_only():
+    assert extension_rate(sweep_of({1e-4: 1.0, 4e-4: 0.9, 1.6e-3: 0.8})) == 6.4e-3
+    assert extension_rate(sweep_of({1e-4: 0.7, 4e-4: 0.9, 1.6e-3: 0.8})) == 2.5e-5
+    assert extension_rate(sweep_of({1e-4: 1.0, 4e-4: 0.7, 1.6e-3: 0.8})) is None
+    assert extension_rate(sweep_of({1e-4: 1.0})) is None
+
+
+def test_refinement_halves_the_step_around_the_winner_and_skips_swept_rates():
+    # an inner winner: the geometric midpoints on both sides (2 significant digits)
+    assert refinement_rates(sweep_of({1e-4: 1.0, 4e-4: 0.7, 1.6e-3: 0.8})) == [2e-4, 8e-4]
+    assert refinement_rates(sweep_of({1.6e-3: 0.9, 6.4e-3: 0.7, 2.6e-2: 5.0})) == [3.2e-3, 1.3e-2]
+    # a winner on the edge (extensions spent): its one neighbour; each side halves its own step
+    assert refinement_rates(sweep_of({1e-4: 0.6, 4e-4: 0.7})) == [2e-4]
+    assert refinement_rates(sweep_of({1e-4: 1.0, 2e-4: 0.8, 4e-4: 0.7, 1.6e-3: 0.8})) == [2.8e-4, 8e-4]
+    # a midpoint that rounds onto a swept rate is not run again
+    assert refinement_rates(sweep_of({1e-4: 0.7, 1.01e-4: 0.8})) == []
+    # a second round after a midpoint won: the step halves again (in log space)
+    assert refinement_rates(sweep_of({1e-4: 1.0, 2e-4: 0.6, 4e-4: 0.7})) == [1.4e-4, 2.8e-4]
+    assert refinement_rates(sweep_of({1e-4: 1.0})) == []
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the benchmark data lives in ../shared/data (CI has it)")
