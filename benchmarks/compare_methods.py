@@ -473,6 +473,18 @@ def extension_rate(sweep: dict) -> float | None:
     return None
 
 
+def coarse_choice(sweep: dict, grid: list[float], extensions: int) -> float:
+    """The rate the grid and its edge extensions alone pick (what `--lr_refine` started from), replayed from the
+    sweep's validation NLLs."""
+    coarse = {lr: sweep[lr] for lr in grid}
+    for _ in range(extensions):
+        nxt = extension_rate(coarse)
+        if nxt is None or nxt not in sweep:
+            break
+        coarse[nxt] = sweep[nxt]
+    return best_rate(coarse)
+
+
 def refinement_rates(sweep: dict) -> list[float]:
     """The geometric midpoints (2 significant digits) between the best rate and its nearest swept neighbour below
     and above: the rates that halve the grid's step (in log space) around the winner, not yet swept."""
@@ -801,8 +813,9 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     curves = rate_curves(every, args.seeds)
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
+    coarse = {m: coarse_choice(sweep[m], grids[m], args.lr_extensions) for m in methods} if args.lr_refine else {}
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
-                   f"{best_lr[m]:g}"] for m in methods]
+                   *([f"{coarse[m]:g}"] if coarse else []), f"{best_lr[m]:g}"] for m in methods]
     verdict_rows = [[c, f"**{v}**", e] for c, v, e in verdicts(results, base, best_lr)]
     kinds, norms = norm_rows(results)
     name = os.path.basename(args.out)
@@ -835,7 +848,8 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
-            ["method", *[f"lr {lr:g}" for lr in all_lrs], "chosen"], sweep_rows),
+            ["method", *[f"lr {lr:g}" for lr in all_lrs], *(["grid's choice before refining"] if coarse else []),
+             "chosen"], sweep_rows),
         f"Timing: seconds per step and peak memory come from these training runs, {args.workers} at a time on a "
         f"shared machine (median over seeds); they rank the methods only roughly. Clean side-by-side step times are "
         f"in [dude_smollm2.md](dude_smollm2.md) and [corda_smollm2.md](corda_smollm2.md).",
@@ -844,7 +858,8 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     ])
     write_report(args.out + ".md", text, {
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
-        "best_lr": best_lr, "verdicts": verdicts(results, base, best_lr), "invocations": invocations,
+        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": verdicts(results, base, best_lr),
+        "invocations": invocations,
         "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
         "extra_rates": list(extra_runs),
         "args": {k: v for k, v in vars(args).items() if k not in ("job", "full", "need_val")}})

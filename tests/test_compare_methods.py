@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from benchmarks.common import paired
-from benchmarks.compare_methods import early_loss, extension_rate, refinement_rates, verdicts
+from benchmarks.compare_methods import (coarse_choice, early_loss, extension_rate, refinement_rates,
+                                        verdicts)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -165,13 +166,23 @@ def test_refinement_halves_the_step_around_the_winner_and_skips_swept_rates():
     assert refinement_rates(sweep_of({1e-4: 1.0})) == []
 
 
+def test_the_grid_s_own_choice_is_replayed_from_a_refined_sweep():
+    grid = [1e-4, 4e-4, 1.6e-3]
+    refined = sweep_of({1e-4: 0.93, 4e-4: 0.94, 1.6e-3: 1.5, 2.5e-5: 1.1, 5e-5: 0.95, 2e-4: 0.90})
+    assert coarse_choice(refined, grid, extensions=2) == 1e-4  # 2.5e-5 was an extension; 5e-5, 2e-4 refinements
+    edge = sweep_of({1e-4: 1.0, 4e-4: 0.9, 1.6e-3: 0.8, 6.4e-3: 0.7, 2.6e-2: 0.75, 1.3e-2: 0.6})
+    assert coarse_choice(edge, grid, extensions=2) == 6.4e-3
+    assert coarse_choice(edge, grid, extensions=0) == 1.6e-3
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the benchmark data lives in ../shared/data (CI has it)")
 def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
-    """Sweep with an edge extension, seeds, evaluations, resume from the cache, report, JSON and plots."""
+    """Sweep with an edge extension and a refinement, seeds, evaluations, resume from the cache, report, JSON and
+    plots."""
     work, out = tmp_path / "work", tmp_path / "results" / "cmp"
     cmd = [sys.executable, "-m", "benchmarks.compare_methods", "--model", tiny_model_dir,
-           "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1", "--seeds", "2",
-           "--lrs_for", "peft-CorDA-KPM=1e-3", "--extra_rates", "LoRA=3e-3",
+           "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1",
+           "--lr_refine", "1", "--seeds", "2", "--lrs_for", "peft-CorDA-KPM=1e-3", "--extra_rates", "LoRA=3e-3",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
            "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
            "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
@@ -182,7 +193,10 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert list(data["sweep"]["peft-CorDA-KPM"]) == ["0.001"]  # its own grid: one point, nothing to extend
     for method in ("LoRA", "CorDA-KPM"):
         sweep = data["sweep"][method]
-        assert len(sweep) == 3  # the grid, plus one step past its winning edge
+        # the grid, plus one step past its winning edge, then the midpoints around the winner of those three
+        coarse = {float(lr): v for lr, v in list(sweep.items())[:3]}
+        assert list(sweep)[3:] == [str(lr) for lr in refinement_rates(coarse)] and len(sweep) in (4, 5)
+        assert data["coarse_lr"][method] == min(coarse, key=lambda lr: coarse[lr]["val_nll"])
         assert data["best_lr"][method] == float(min(sweep, key=lambda lr: sweep[lr]["val_nll"]))
         runs = data["results"][method]
         assert [r["seed"] for r in runs] == [0, 1] and all(r["lr"] == data["best_lr"][method] for r in runs)
@@ -191,7 +205,8 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     cached = sorted(os.listdir(work / "kpm_covariance.safetensors"))
     assert cached and all(f.startswith("block-") and f.endswith(".safetensors") for f in cached)
     report = open(f"{out}.md").read()
-    assert "CorDA-KPM forgets less than LoRA" in report and "--model" in report
+    assert "CorDA-KPM forgets less than LoRA" in report and "--model" in report and "--lr_refine 1" in report
+    assert "grid's choice before refining" in report
     assert "CorDA-KPM is at least as good as peft-CorDA-KPM" in report and "Factor norms at init" in report
     assert all(data["results"][m][0]["init_factor_norms"]["q_proj"]["A"] > 0 for m in data["results"])
     # --matched_rates: our balanced arm and peft's, each at both chosen rates, every seed
