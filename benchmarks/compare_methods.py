@@ -738,7 +738,8 @@ def command_line(args) -> str:
             f"{args.max_length} --train_pool {args.train_pool} --calibration_samples {args.calibration_samples} "
             f"--val_examples {args.val_examples} --task_examples {args.task_examples} --em_examples {args.em_examples} "
             f"--knowledge_examples {args.knowledge_examples} --lr_extensions {args.lr_extensions} "
-            + (f"--lr_refine {args.lr_refine} " if args.lr_refine else "") + f"--workers {args.workers}" + ("" if args.matched_rates else " --no-matched_rates")
+            + (f"--lr_refine {args.lr_refine} " if args.lr_refine else "") + f"--workers {args.workers}"
+            + ("" if args.matched_rates else " --no-matched_rates")
             + (f" --extra_rates '{args.extra_rates}'" if args.extra_rates else "")
             + (f" --model {args.model}" if args.model else ""))
 
