@@ -640,33 +640,33 @@ def complete_runs(every: dict, seeds: int) -> dict[tuple[str, float], list]:
     return {key: runs for key, runs in by.items() if len(runs) == seeds}
 
 
-def tradeoff_rows(every: dict, base: dict, seeds: int) -> list[list]:
-    """Every (arm, rate) fully evaluated on all seeds, from the final, matched-rate and extra-rate runs: task NLL, NQ
-    change and early loss side by side, so that arms can be read at equal task gain."""
+def tradeoff_rows(complete: dict, base: dict) -> list[list]:
+    """Every (arm, rate) of `complete_runs` (the final, matched-rate and extra-rate runs): task NLL, NQ change and
+    early loss side by side, so that arms can be read at equal task gain."""
     return [[m, f"{lr:g}", fmt(mean_std([r["task_nll"] for r in runs])),
              fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
              fmt(mean_std([early_loss(r) for r in runs]))]
-            for (m, lr), runs in complete_runs(every, seeds).items()]
+            for (m, lr), runs in complete.items()]
 
 
-def shared_rates(every: dict, seeds: int) -> dict[str, dict[float, dict[str, list]]]:
-    """Each pair of MATCHED_PAIRS at every rate both of its arms ran on all seeds (the matched-rate runs, and any
-    `--extra_rates` given to both): {"OURS vs THEIRS": {lr: {arm: runs}}}."""
-    by, out = complete_runs(every, seeds), {}
+def shared_rates(complete: dict) -> dict[str, dict[float, dict[str, list]]]:
+    """Each pair of MATCHED_PAIRS at every rate both of its arms ran on all seeds (of `complete_runs`: the
+    matched-rate runs, and any `--extra_rates` given to both): {"OURS vs THEIRS": {lr: {arm: runs}}}."""
+    out = {}
     for ours, theirs in MATCHED_PAIRS:
-        for (m, lr), runs in by.items():
-            if m == ours and (theirs, lr) in by:
-                out.setdefault(f"{ours} vs {theirs}", {})[lr] = {ours: runs, theirs: by[(theirs, lr)]}
+        for (m, lr), runs in complete.items():
+            if m == ours and (theirs, lr) in complete:
+                out.setdefault(f"{ours} vs {theirs}", {})[lr] = {ours: runs, theirs: complete[(theirs, lr)]}
     return out
 
 
-def against_chosen_rows(every: dict, best_lr: dict, base: dict, seeds: int) -> list[list]:
+def against_chosen_rows(complete: dict, best_lr: dict, base: dict) -> list[list]:
     """Each of our arms of MATCHED_PAIRS at every rate it ran on all seeds, against peft's arm at peft's own chosen
     rate, by the "at least as good" rule: is there a rate at which ours is no worse on any measure?"""
-    by, rows = complete_runs(every, seeds), []
+    rows = []
     for ours, theirs in MATCHED_PAIRS:
-        ref = by.get((theirs, best_lr.get(theirs)))
-        for (m, lr), runs in by.items():
+        ref = complete.get((theirs, best_lr.get(theirs)))
+        for (m, lr), runs in complete.items():
             if m == ours and ref:
                 a, b = f"{ours} at {lr:g}", f"{theirs} at {best_lr[theirs]:g}"
                 d = derived({a: runs, b: ref}, base)
@@ -787,31 +787,32 @@ def all_runs(sweep, results, matched_rate_runs, extra_runs) -> dict:
     return every
 
 
-def rate_curves(every: dict, seeds: int) -> dict[str, dict[float, list]]:
-    """{arm: {lr: runs}} for the arms fully evaluated on all seeds at more than one rate."""
+def rate_curves(complete: dict) -> dict[str, dict[float, list]]:
+    """{arm: {lr: runs}} for the arms of `complete_runs` at more than one rate."""
     curves: dict = {}
-    for (m, lr), runs in complete_runs(every, seeds).items():
+    for (m, lr), runs in complete.items():
         curves.setdefault(m, {})[lr] = runs
     return {m: c for m, c in curves.items() if len(c) > 1}
 
 
-def tradeoff_text(every, best_lr, base, seeds: int, half: int) -> str:
+def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
     return ("## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by "
             f"side (mean ± std over {seeds} seeds), so that two arms can be read at equal task gain.\n\n"
             + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
-                             tradeoff_rows(every, base, seeds))
+                             tradeoff_rows(complete, base))
             + "\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" "
             "rule, paired by seed):\n\n"
             + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences ± standard error)"],
-                             against_chosen_rows(every, best_lr, base, seeds)))
+                             against_chosen_rows(complete, best_lr, base)))
 
 
 def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate_runs, extra_runs=()) -> None:
     methods = list(results)
     every = all_runs(sweep, results, matched_rate_runs, extra_runs)
     # each pair at every rate both arms ran on all seeds: their chosen rates, and any --extra_rates given to both
-    matched = shared_rates(every, args.seeds) if args.matched_rates else {}
-    curves = rate_curves(every, args.seeds)
+    complete = complete_runs(every, args.seeds)  # every (arm, rate) fully evaluated on all seeds
+    matched = shared_rates(complete) if args.matched_rates else {}
+    curves = rate_curves(complete)
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
     coarse = {m: coarse_choice(sweep[m], grids[m], args.lr_extensions) for m in methods} if args.lr_refine else {}
@@ -845,7 +846,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
         + markdown_table(["claim", "verdict", "evidence (mean ± std over seeds; paired differences ± standard error)"],
                          verdict_rows),
         *([matched_text(matched, base, args.seeds)] if matched else []),
-        tradeoff_text(every, best_lr, base, args.seeds, half),
+        tradeoff_text(complete, best_lr, base, args.seeds, half),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(

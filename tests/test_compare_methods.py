@@ -90,7 +90,7 @@ def test_matched_rate_rows_hold_each_pair_side_by_side_at_every_shared_rate():
 
 
 def test_tradeoff_rows_list_every_arm_and_rate_complete_over_the_seeds():
-    from benchmarks.compare_methods import tradeoff_rows
+    from benchmarks.compare_methods import complete_runs, tradeoff_rows
 
     every = {}
     for m, lr, task, know in (("A", 1e-4, 1.1, 4.4), ("A", 4e-4, 1.0, 4.6), ("B", 1e-4, 1.05, 4.3)):
@@ -98,35 +98,35 @@ def test_tradeoff_rows_list_every_arm_and_rate_complete_over_the_seeds():
             every[(m, lr, seed)] = r
     every[("B", 4e-4, 0)] = seeds(0.9, 4.0)[0]  # one seed only: not a row
     every[("A", 1.6e-3, 0)] = {"val_nll": 1.0}  # a sweep run without the full evaluation: not a row
-    rows = tradeoff_rows(every, BASE, 3)
+    rows = tradeoff_rows(complete_runs(every, 3), BASE)
     assert [r[:2] for r in rows] == [["A", "0.0001"], ["A", "0.0004"], ["B", "0.0001"]]
     assert rows[1][2].startswith("1.000") and rows[1][3].startswith(f"{4.6 - BASE['knowledge_nll']:.3f}")
 
 
 def test_against_chosen_rows_hold_each_rate_of_ours_against_peft_at_its_own_rate():
-    from benchmarks.compare_methods import against_chosen_rows
+    from benchmarks.compare_methods import against_chosen_rows, complete_runs
 
     every = {}
     for m, lr, task, know in (("CorDA-IPM", 1e-4, 1.10, 4.0), ("CorDA-IPM", 2e-4, 0.99, 4.0),
                               ("peft-CorDA-IPM", 1e-4, 1.01, 4.0), ("peft-CorDA-IPM", 2e-4, 0.90, 3.0)):
         for seed, r in enumerate(seeds(task, know)):
             every[(m, lr, seed)] = r
-    rows = against_chosen_rows(every, {"CorDA-IPM": 4e-4, "peft-CorDA-IPM": 1e-4}, BASE, 3)
+    rows = against_chosen_rows(complete_runs(every, 3), {"CorDA-IPM": 4e-4, "peft-CorDA-IPM": 1e-4}, BASE)
     assert [r[:3] for r in rows] == [["CorDA-IPM at 0.0001", "peft-CorDA-IPM at 0.0001", "**does not hold**"],
                                      ["CorDA-IPM at 0.0002", "peft-CorDA-IPM at 0.0001", "**holds**"]]
     assert "GSM8K test NLL" in rows[0][3] and "worse: GSM8K test NLL" in rows[0][3]
-    assert against_chosen_rows(every, {"CorDA-IPM": 4e-4}, BASE, 3) == []  # peft's arm did not run
+    assert against_chosen_rows(complete_runs(every, 3), {"CorDA-IPM": 4e-4}, BASE) == []  # peft's arm did not run
 
 
 def test_shared_rates_pair_our_arm_and_peft_wherever_both_ran_every_seed():
-    from benchmarks.compare_methods import shared_rates
+    from benchmarks.compare_methods import complete_runs, shared_rates
 
     every = {}
     for m, lr in (("CorDA-IPM", 1e-4), ("CorDA-IPM", 2e-4), ("peft-CorDA-IPM", 2e-4), ("peft-CorDA-IPM", 4e-4)):
         for seed, r in enumerate(seeds(1.0, 4.0)):
             every[(m, lr, seed)] = r
     every[("CorDA-IPM", 4e-4, 0)] = seeds(1.0, 4.0)[0]  # one seed only
-    shared = shared_rates(every, 3)
+    shared = shared_rates(complete_runs(every, 3))
     assert list(shared) == ["CorDA-IPM vs peft-CorDA-IPM"]
     assert list(shared["CorDA-IPM vs peft-CorDA-IPM"]) == [2e-4]
     assert list(shared["CorDA-IPM vs peft-CorDA-IPM"][2e-4]) == ["CorDA-IPM", "peft-CorDA-IPM"]
