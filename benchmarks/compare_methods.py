@@ -351,7 +351,7 @@ def tradeoff_plot(plt, curves: dict, base: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method, by_lr in curves.items():
         points = sorted(by_lr.items())
-        d = derived({lr: runs for lr, runs in points}, base)
+        d = derived(dict(points), base)
         xs = [statistics.mean(d[lr]["gain"]) for lr, _ in points]
         ys = [statistics.mean(d[lr]["forget"]) for lr, _ in points]
         ax.plot(xs, ys, "o-", label=method)
@@ -809,8 +809,8 @@ def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
 def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate_runs, extra_runs=()) -> None:
     methods = list(results)
     every = all_runs(sweep, results, matched_rate_runs, extra_runs)
-    # each pair at every rate both arms ran on all seeds: their chosen rates, and any --extra_rates given to both
     complete = complete_runs(every, args.seeds)  # every (arm, rate) fully evaluated on all seeds
+    # each pair at every rate both arms ran on all seeds: their chosen rates, and any --extra_rates given to both
     matched = shared_rates(complete) if args.matched_rates else {}
     curves = rate_curves(complete)
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
@@ -818,7 +818,8 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     coarse = {m: coarse_choice(sweep[m], grids[m], args.lr_extensions) for m in methods} if args.lr_refine else {}
     sweep_rows = [[m, *[f"{sweep[m][lr]['val_nll']:.4f}" if lr in sweep[m] else "–" for lr in all_lrs],
                    *([f"{coarse[m]:g}"] if coarse else []), f"{best_lr[m]:g}"] for m in methods]
-    verdict_rows = [[c, f"**{v}**", e] for c, v, e in verdicts(results, base, best_lr)]
+    claims = verdicts(results, base, best_lr)
+    verdict_rows = [[c, f"**{v}**", e] for c, v, e in claims]
     kinds, norms = norm_rows(results)
     name = os.path.basename(args.out)
     model = os.path.basename(args.model.rstrip("/")) if args.model else "SmolLM2-135M-Instruct"
@@ -860,7 +861,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     ])
     write_report(args.out + ".md", text, {
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
-        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": verdicts(results, base, best_lr),
+        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": claims,
         "invocations": invocations,
         "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
         "extra_rates": list(extra_runs),
