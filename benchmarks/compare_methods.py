@@ -745,7 +745,8 @@ def command_line(args) -> str:
 
 
 def setup_text(args, model, grids) -> str:
-    grid_text = "; ".join(f"{m} {g}" for m, g in grids.items() if g != grids[next(iter(grids))]) or "every method"
+    default = [float(x) for x in args.lrs.split(",")]  # --lrs; the arms --lrs_for gave another grid are listed
+    grid_text = "; ".join(f"{m} {','.join(f'{lr:g}' for lr in g)}" for m, g in grids.items() if g != default) or "none"
     return (
         f"Setup: {model} (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, **{args.steps} "
         f"steps of batch {args.batch_size}** (sequences ≤ {args.max_length} tokens, completion-only loss, "
@@ -796,14 +797,16 @@ def rate_curves(complete: dict) -> dict[str, dict[float, list]]:
 
 
 def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
+    """Every arm at every rate run on all seeds; then, where peft's arms ran, ours at each rate against theirs."""
+    against = against_chosen_rows(complete, best_lr, base)
     return ("## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by "
             f"side (mean ± std over {seeds} seeds), so that two arms can be read at equal task gain.\n\n"
             + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
                              tradeoff_rows(complete, base))
-            + "\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" "
-            "rule, paired by seed):\n\n"
-            + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences ± standard error)"],
-                             against_chosen_rows(complete, best_lr, base)))
+            + ("\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" "
+               "rule, paired by seed):\n\n"
+               + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences ± standard error)"],
+                                against) if against else ""))
 
 
 def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate_runs, extra_runs=()) -> None:

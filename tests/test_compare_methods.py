@@ -118,6 +118,21 @@ def test_against_chosen_rows_hold_each_rate_of_ours_against_peft_at_its_own_rate
     assert against_chosen_rows(complete_runs(every, 3), {"CorDA-IPM": 4e-4}, BASE) == []  # peft's arm did not run
 
 
+def test_tradeoff_text_has_the_peft_section_only_where_peft_ran():
+    from benchmarks.compare_methods import complete_runs, tradeoff_text
+
+    every = {}
+    for m, lr in (("LoRA", 1e-3), ("CorDA-KPM", 1e-3), ("peft-CorDA-KPM", 1e-3)):
+        for seed, r in enumerate(seeds(1.0, 4.6)):
+            every[(m, lr, seed)] = r
+    best = {"LoRA": 1e-3, "CorDA-KPM": 1e-3, "peft-CorDA-KPM": 1e-3}
+    with_peft = tradeoff_text(complete_runs(every, 3), best, BASE, 3, 6)
+    assert "against peft's arm" in with_peft and "| CorDA-KPM at 0.001 | peft-CorDA-KPM at 0.001 |" in with_peft
+    without = {k: v for k, v in every.items() if k[0] != "peft-CorDA-KPM"}
+    text = tradeoff_text(complete_runs(without, 3), best, BASE, 3, 6)
+    assert "| LoRA | 0.001 |" in text and "peft" not in text  # no empty table of our arms against peft's
+
+
 def test_shared_rates_pair_our_arm_and_peft_wherever_both_ran_every_seed():
     from benchmarks.compare_methods import complete_runs, shared_rates
 
@@ -267,3 +282,15 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0 and all(os.path.getmtime(p) == t for p, t in mtimes.items())
+
+
+def test_setup_text_lists_only_the_grids_that_differ_from_lrs():
+    from benchmarks.compare_methods import build_parser, method_grids, setup_text
+
+    args = build_parser().parse_args(["--methods", "LoRA,CorDA-KPM", "--lrs", "1e-4,4e-4",
+                                      "--lrs_for", "LoRA=1.6e-3,6.4e-3"])
+    grids = method_grids(args.lrs_for, args.methods.split(","), [1e-4, 4e-4])
+    text = setup_text(args, "tiny", grids)
+    assert "(other grids: LoRA 0.0016,0.0064)" in text and "CorDA-KPM" not in text.split("other grids")[1]
+    same = setup_text(args, "tiny", {"CorDA-KPM": [1e-4, 4e-4]})
+    assert "(other grids: none)" in same

@@ -212,6 +212,7 @@ def calibrate(
             decomposition run in float64.
         sample_normalization: "none" (default): C = Σ x xᵀ / real tokens. "max": each sample's activations divided by
             their maximum (per layer input, over its real tokens) before summing, as peft's `preprocess_corda` does.
+            "max" is recorded in the cache's fingerprint and in the saved adapter's `corda_calibration`.
         cache_file: whole-model: a .safetensors path, read if it exists (refused when built for another model,
             target set or data), written otherwise. Block by block: a folder of per-block files, so that an
             interrupted calibration restarts at the first unfinished block (a whole-model cache file at that path
