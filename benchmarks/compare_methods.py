@@ -347,7 +347,7 @@ def plots(results, base, out_prefix, curves=None):
 
 
 def tradeoff_plot(plt, curves: dict, base: dict, path: str) -> None:
-    """Each arm that ran several rates on all seeds as a curve through its (task gain, forgetting) means, by rate."""
+    """Each arm as a curve through its (task gain, forgetting) means, by rate (a point where it ran one rate)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method, by_lr in curves.items():
         points = sorted(by_lr.items())
@@ -789,11 +789,12 @@ def all_runs(sweep, results, matched_rate_runs, extra_runs) -> dict:
 
 
 def rate_curves(complete: dict) -> dict[str, dict[float, list]]:
-    """{arm: {lr: runs}} for the arms of `complete_runs` at more than one rate."""
+    """{arm: {lr: runs}} for every arm of `complete_runs` (an arm at one rate is a point beside the others' curves);
+    empty unless some arm ran more than one rate, so that the plot along the rates has a curve to show."""
     curves: dict = {}
     for (m, lr), runs in complete.items():
         curves.setdefault(m, {})[lr] = runs
-    return {m: c for m, c in curves.items() if len(c) > 1}
+    return curves if any(len(c) > 1 for c in curves.values()) else {}
 
 
 def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:

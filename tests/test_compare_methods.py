@@ -294,3 +294,14 @@ def test_setup_text_lists_only_the_grids_that_differ_from_lrs():
     assert "(other grids: LoRA 0.0016,0.0064)" in text and "CorDA-KPM" not in text.split("other grids")[1]
     same = setup_text(args, "tiny", {"CorDA-KPM": [1e-4, 4e-4]})
     assert "(other grids: none)" in same
+
+
+def test_rate_curves_keep_single_rate_arms_as_points_only_beside_a_curve():
+    from benchmarks.compare_methods import complete_runs, rate_curves
+
+    every = {(m, lr, seed): r for m, lr in (("LoRA", 1e-3), ("LoRA", 2e-3), ("CorDA-KPM", 1e-3))
+             for seed, r in enumerate(seeds(1.0, 4.6))}
+    curves = rate_curves(complete_runs(every, 3))
+    assert {m: sorted(c) for m, c in curves.items()} == {"LoRA": [1e-3, 2e-3], "CorDA-KPM": [1e-3]}
+    single = {k: v for k, v in every.items() if k[1] == 1e-3}
+    assert rate_curves(complete_runs(single, 3)) == {}  # no arm along rates: no plot
