@@ -22,7 +22,7 @@ two 1-thread processes get ~1.25x the throughput of one 2-thread process on this
 of the rest. Finished runs and evaluations are cached in `--work_dir`, so an interrupted run resumes where it stopped;
 the report states the wall time of every invocation that worked on that directory. The learning rate is selected on
 task validation loss only; the report's verdicts on the papers' orderings are computed from the final runs by the
-fixed rules in `verdicts()`.
+fixed rules of benchmarks/verdicts.py.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ import time
 
 from peft_ext.jsonl import read_jsonl
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel,
-                               stamp, write_jsonl, write_report)
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
+                               write_jsonl, write_report)
+from benchmarks.verdicts import (at_least_as_good_claim, curve_verdicts, derived, early_loss, equal_gain_rows,
+                                 verdicts)
 
 # the calibration files hold the records in the recipes' formats, so that every arm calibrates as its recipe does
 _KPM = ["--calibration_dataset", "{work}/kpm_calibration.jsonl"]  # question + answers, as NQ-open
@@ -69,10 +71,6 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
                                                      "{work}/peft_ipm_covariance.pt"]),
 }
 DEFAULT_LRS_FOR = "LoRA=1.6e-3,6.4e-3,2.6e-2;DoRA=1.6e-3,6.4e-3,2.6e-2"
-# arms of our CorDA and the peft arm each is held against, side by side
-PEFT_COUNTERPART = {"CorDA-KPM": "peft-CorDA-KPM", "CorDA-IPM": "peft-CorDA-IPM",
-                    "CorDA-KPM-unbalanced": "peft-CorDA-KPM", "CorDA-IPM-unbalanced": "peft-CorDA-IPM",
-                    "CorDA-IPM-maxnorm": "peft-CorDA-IPM"}
 # the default arms of our CorDA (balanced) that --matched_rates also runs at their peft counterpart's rate and back
 MATCHED_PAIRS = (("CorDA-KPM", "peft-CorDA-KPM"), ("CorDA-IPM", "peft-CorDA-IPM"),
                  ("CorDA-IPM-maxnorm", "peft-CorDA-IPM"))
@@ -203,107 +201,6 @@ def job_worker(args) -> None:
     with open(eval_out + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(eval_out + ".tmp", eval_out)
-
-
-# --- statistics and the verdicts -------------------------------------------------------------------------------------
-
-
-def early_loss(run, fraction=0.5):
-    """Mean training loss over steps 2 .. half of the steps: how fast a method learns. Step 1's loss is computed
-    before any update, on the unchanged base model (every init leaves the outputs unchanged), so it is left out."""
-    hist = run["loss_history"]
-    n = max(2, int(len(hist) * fraction))
-    return statistics.mean(loss for _, loss in (hist[1:n] or hist[:1]))
-
-
-def derived(results: dict, base: dict) -> dict:
-    """Per method, per seed: task gain (GSM8K test NLL decrease), forgetting (NQ gold NLL increase), early loss."""
-    return {m: {"gain": [base["task_nll"] - r["task_nll"] for r in runs],
-                "forget": [r["knowledge_nll"] - base["knowledge_nll"] for r in runs],
-                "early": [early_loss(r) for r in runs],
-                "task_nll": [r["task_nll"] for r in runs]}
-            for m, runs in results.items()}
-
-
-def _diff(d, unit=""):
-    return f"{d[0]:+.3f} ± {d[1]:.3f}{unit}"
-
-
-def _kpm_claim(name, kpm, lora):
-    df, dg = paired(kpm["forget"], lora["forget"]), paired(kpm["gain"], lora["gain"])
-    comparable = statistics.mean(kpm["gain"]) >= 0.9 * statistics.mean(lora["gain"])
-    less, more = df[0] + 2 * df[1] < 0, df[0] - 2 * df[1] > 0
-    verdict = ("holds" if less and comparable else "does not hold" if more else
-               "not at comparable task gain" if less else "not shown (within noise)")
-    return (f"{name} forgets less than LoRA at comparable task gain", verdict,
-            f"NQ gold NLL increase {name} {fmt(mean_std(kpm['forget']))} vs LoRA {fmt(mean_std(lora['forget']))} "
-            f"(paired difference {_diff(df)}); GSM8K NLL gain {name} {fmt(mean_std(kpm['gain']))} vs LoRA "
-            f"{fmt(mean_std(lora['gain']))} (difference {_diff(dg)}; comparable: {'yes' if comparable else 'no'})")
-
-
-def _ipm_claim(name, ipm, other_name, other, half):
-    de, dt = paired(ipm["early"], other["early"]), paired(ipm["task_nll"], other["task_nll"])
-    verdict = ("holds" if de[0] + 2 * de[1] < 0 else "does not hold" if de[0] - 2 * de[1] > 0
-               else "not shown (within noise)")
-    return (f"{name} learns faster than {other_name}", verdict,
-            f"mean training loss over steps 2–{half} {name} {fmt(mean_std(ipm['early']))} vs {other_name} "
-            f"{fmt(mean_std(other['early']))} (paired difference {_diff(de)}); final GSM8K test answer NLL "
-            f"difference {name} − {other_name} {_diff(dt)}")
-
-
-def _at_least_as_good_claim(ours_name, ours, theirs_name, theirs):
-    """Not worse beyond noise on any measure: test NLL, forgetting, early training loss (lower is better)."""
-    measures = {"GSM8K test NLL": "task_nll", "NQ forgetting": "forget", "training loss over the first half": "early"}
-    diffs = {label: paired(ours[key], theirs[key]) for label, key in measures.items()}
-    worse = [label for label, d in diffs.items() if d[0] - 2 * d[1] > 0]
-    better = [label for label, d in diffs.items() if d[0] + 2 * d[1] < 0]
-    verdict = "holds" if not worse else "does not hold"
-    return (f"{ours_name} is at least as good as {theirs_name}", verdict,
-            "; ".join(f"{label} {ours_name} − {theirs_name} {_diff(d)}" for label, d in diffs.items())
-            + f" (better beyond noise: {', '.join(better) or 'none'}; worse: {', '.join(worse) or 'none'})")
-
-
-def _rate_claim(name, best_lr):
-    ratio = best_lr["LoRA"] / best_lr[name]
-    verdict = "holds" if 0.25 <= ratio <= 4 else "does not hold"
-    return (f"{name}'s best learning rate is within 4× of LoRA's", verdict,
-            f"{name} {best_lr[name]:g} vs LoRA {best_lr['LoRA']:g} (LoRA's is {ratio:.3g}× {name}'s)")
-
-
-def verdicts(results: dict, base: dict, best_lr: dict | None = None) -> list[tuple[str, str, str]]:
-    """The papers' orderings, decided by fixed rules on the final runs: (claim, verdict, evidence).
-
-    A difference counts when it exceeds twice its standard error over the paired seeds; "comparable task gain"
-    means the GSM8K answer-NLL gain is at least 90% of the other method's. Every KPM arm is held against LoRA, every
-    IPM arm against PiSSA and LoRA, each of our CorDA arms against peft's CorDA of the same mode."""
-    d = derived(results, base)
-    out = []
-    for name in (m for m in d if "KPM" in m and "LoRA" in d):
-        out.append(_kpm_claim(name, d[name], d["LoRA"]))
-        if best_lr and {"LoRA", name} <= best_lr.keys():
-            out.append(_rate_claim(name, best_lr))
-    for name in (m for m in d if "IPM" in m):
-        half = max(2, int(len(results[name][0]["loss_history"]) * 0.5))
-        out += [_ipm_claim(name, d[name], other, d[other], half) for other in ("PiSSA", "LoRA") if other in d]
-    if {"DuDe", "DoRA"} <= d.keys():
-        dude, dora = d["DuDe"], d["DoRA"]
-        dt = paired(dude["task_nll"], dora["task_nll"])
-        matches = dt[0] - 2 * dt[1] <= 0  # not worse beyond noise
-        s_dude, s_dora = mean_std(dude["task_nll"])[1], mean_std(dora["task_nll"])[1]
-        f_dude, f_dora = mean_std(dude["forget"])[1], mean_std(dora["forget"])[1]
-        smaller = s_dude < s_dora
-        verdict = ("holds" if matches and smaller else "does not hold" if not matches else
-                   "matches, spread not smaller")
-        out.append(("DuDe at least matches DoRA, with a smaller spread over seeds", verdict,
-                    f"GSM8K test answer NLL DuDe {fmt(mean_std(dude['task_nll']))} vs DoRA "
-                    f"{fmt(mean_std(dora['task_nll']))} (paired difference {_diff(dt)}); std over seeds of the task NLL "
-                    f"DuDe {s_dude:.4f} vs DoRA {s_dora:.4f}, of the NQ change DuDe {f_dude:.4f} vs DoRA {f_dora:.4f}; "
-                    f"with {len(dude['task_nll'])} seeds each a std ratio is only a rough indication"
-                    + (" (a two-sided F-test at 5% needs a variance ratio above 39 for 3 vs 3 seeds)"
-                       if len(dude["task_nll"]) == 3 and len(dora["task_nll"]) == 3 else "")))
-    out += [_at_least_as_good_claim(ours, d[ours], theirs, d[theirs])
-            for ours, theirs in PEFT_COUNTERPART.items() if {ours, theirs} <= d.keys()]
-    return out
 
 
 # --- plots ----------------------------------------------------------------------------------------------------------
@@ -670,7 +567,7 @@ def against_chosen_rows(complete: dict, best_lr: dict, base: dict) -> list[list]
             if m == ours and ref:
                 a, b = f"{ours} at {lr:g}", f"{theirs} at {best_lr[theirs]:g}"
                 d = derived({a: runs, b: ref}, base)
-                _, verdict, evidence = _at_least_as_good_claim(a, d[a], b, d[b])
+                _, verdict, evidence = at_least_as_good_claim(a, d[a], b, d[b])
                 rows.append([a, b, f"**{verdict}**", evidence])
     return rows
 
@@ -681,7 +578,7 @@ def matched_rows(matched: dict, base: dict) -> list[list]:
     for pair, by_lr in matched.items():
         for lr, arms in sorted(by_lr.items()):
             (ours, theirs), d = list(arms), derived(arms, base)
-            claim, verdict, evidence = _at_least_as_good_claim(ours, d[ours], theirs, d[theirs])
+            claim, verdict, evidence = at_least_as_good_claim(ours, d[ours], theirs, d[theirs])
             rows.append([pair, f"{lr:g}", *[f"{fmt(mean_std(d[ours][k]))} / {fmt(mean_std(d[theirs][k]))}"
                                             for k in ("task_nll", "forget", "early")], f"**{verdict}**", evidence])
     return rows
@@ -810,6 +707,26 @@ def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
                                 against) if against else ""))
 
 
+def equal_gain_text(complete, base, seeds: int) -> str:
+    """Each KPM arm at every rate run on all seeds against LoRA's forgetting at the same task gain, where LoRA ran
+    two rates at least on all seeds (the reading fixed by the plan of ac63a54); else empty."""
+    rows = equal_gain_rows(complete, base)
+    if not rows or sum(m == "LoRA" for m, _ in complete) < 2:
+        return ""
+    curves = curve_verdicts(rows)
+    return ("## KPM against LoRA at equal task gain, along the rates\n\nThe verdicts above hold each arm at its own "
+            "chosen rate, and the rate moves forgetting far more than it moves the task gain. Here each KPM arm at every "
+            f"rate it ran on all {seeds} seeds is held against LoRA's forgetting at the same mean GSM8K answer-NLL gain: "
+            "linear in gain between the two LoRA rates whose mean gains bracket it (per seed, with the same weights); "
+            "above every LoRA gain, LoRA's largest-gain rate (KPM then gains more); below every one, not decided. The "
+            "paired difference, KPM − LoRA there, decides by the 2-standard-error rule. An arm's curve lies below "
+            "LoRA's when it forgets less at one rate at least and more at none. This rule was fixed before its runs "
+            "(commit ac63a54).\n\n"
+            + markdown_table(["KPM arm", "task gain", "NQ gold NLL change", "LoRA read", "LoRA's change there",
+                              "paired difference ± s.e.", "KPM forgets less"], rows)
+            + "\n\n" + "; ".join(f"{arm}'s curve lies below LoRA's: **{v}**" for arm, v in curves.items()) + ".")
+
+
 def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate_runs, extra_runs=()) -> None:
     methods = list(results)
     every = all_runs(sweep, results, matched_rate_runs, extra_runs)
@@ -842,8 +759,8 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
             ["method", "lr", "GSM8K answer NLL ↓", "GSM8K EM ↑", "NQ gold NLL change ↓ (forgetting)",
              "NQ EM change", f"train loss, mean of steps 2–{half}", "train loss @ last",
              "s/step (median)", "peak RSS MB"], result_rows(args, base, best_lr, results)),
-        "## The papers' orderings at this scale\n\nDecided by fixed rules (`verdicts()` in the script): a difference "
-        "counts when it exceeds twice its standard error over the seeds, paired by seed (the same batches); "
+        "## The papers' orderings at this scale\n\nDecided by fixed rules (`verdicts()` in benchmarks/verdicts.py): a "
+        "difference counts when it exceeds twice its standard error over the seeds, paired by seed (the same batches); "
         "\"comparable task gain\" means at least 90% of the other method's GSM8K answer-NLL gain; \"learns faster\" "
         "compares the mean training loss over steps 2 to half of the steps (step 1's loss is the unchanged base model's, "
         "the same for every method); \"at least as good\" means worse beyond noise on none of GSM8K NLL, NQ "
@@ -852,6 +769,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
                          verdict_rows),
         *([matched_text(matched, base, args.seeds)] if matched else []),
         tradeoff_text(complete, best_lr, base, args.seeds, half),
+        *filter(None, [equal_gain_text(complete, base, args.seeds)]),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
@@ -865,7 +783,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     ])
     write_report(args.out + ".md", text, {
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
-        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": claims,
+        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": claims, "equal_gain": equal_gain_rows(complete, base),
         "invocations": invocations,
         "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
         "extra_rates": list(extra_runs),

@@ -7,7 +7,7 @@ the base model on
     exact match on the first 20 (measured by trl_recipes.sft before and after training);
   * knowledge: NQ-open gold-answer NLL on questions of the EfficientQA dev file that are not in NQ-open.dev, the file
     the KPM recipe calibrates on (so none of them was seen by the calibration).
-The verdict uses compare_methods' rule: a difference counts when it exceeds twice its standard error over seeds,
+The verdict uses compare_methods' rule (benchmarks/verdicts.py): a difference counts when it exceeds twice its standard error over seeds,
 paired by seed (a seed fixes the order of the training batches for every arm).
 
     python -m benchmarks.recipe_forgetting      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
@@ -30,8 +30,9 @@ import time
 
 from peft_ext.jsonl import read_jsonl
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel,
-                               stamp, write_jsonl, write_report)
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
+                               write_jsonl, write_report)
+from benchmarks.verdicts import gain_and_forgetting, kpm_claim
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
 TEST_FILE = os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")
@@ -125,18 +126,10 @@ def run_job(args, slots: Slots, name: str) -> dict:
     return result
 
 
-def verdict(kpm: list[dict], lora: list[dict], base: dict) -> tuple[str, str]:
-    """compare_methods' KPM rule on these runs: less forgetting beyond 2 standard errors, at ≥ 90% of LoRA's gain."""
-    forget = lambda runs: [r["knowledge_nll"] - base["knowledge_nll"] for r in runs]  # noqa: E731
-    gain = lambda runs: [base["task_nll"] - r["task_nll"] for r in runs]  # noqa: E731
-    df = paired(forget(kpm), forget(lora))
-    comparable = statistics.mean(gain(kpm)) >= 0.9 * statistics.mean(gain(lora))
-    less, more = df[0] + 2 * df[1] < 0, df[0] - 2 * df[1] > 0
-    text = ("holds" if less and comparable else "does not hold" if more else
-            "not at comparable task gain" if less else "not shown (within noise)")
-    evidence = (f"gold NLL increase KPM {fmt(mean_std(forget(kpm)))} vs LoRA {fmt(mean_std(forget(lora)))} (paired "
-                f"difference {df[0]:+.3f} ± {df[1]:.3f}); task NLL gain KPM {fmt(mean_std(gain(kpm)))} vs LoRA "
-                f"{fmt(mean_std(gain(lora)))} (comparable: {'yes' if comparable else 'no'})")
+def verdict(kpm: list[dict], lora: list[dict], base: dict, names=("KPM", "LoRA")) -> tuple[str, str]:
+    """compare_methods' KPM rule (`benchmarks.verdicts.kpm_claim`) on these runs: (verdict, evidence)."""
+    _, text, evidence = kpm_claim(names[0], gain_and_forgetting(kpm, base), gain_and_forgetting(lora, base),
+                                  names[1], task="task NLL", knowledge="gold NLL")
     return text, evidence
 
 
@@ -170,7 +163,7 @@ def report(args, arms, base, results, wall_minutes) -> None:
     ]
     verdict_rows = [[f"{k} forgets less than {lo} at comparable task gain", f"**{v[0]}**", v[1]]
                     for k in results if "KPM" in k for lo in results if lo.startswith("LoRA")
-                    for v in [verdict(results[k], results[lo], base)]]
+                    for v in [verdict(results[k], results[lo], base, (k, lo))]]
     if verdict_rows:
         parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,

@@ -1,4 +1,4 @@
-"""benchmarks/compare_methods.py: the verdict rules on synthetic runs, and the whole driver on a tiny model."""
+"""benchmarks/compare_methods.py: rate selection and report tables on synthetic runs, the whole driver on a tiny model."""
 
 from __future__ import annotations
 
@@ -9,73 +9,12 @@ import sys
 
 import pytest
 
-from benchmarks.common import paired
-from benchmarks.compare_methods import (coarse_choice, early_loss, extension_rate, refinement_rates,
-                                        verdicts)
+from benchmarks.compare_methods import coarse_choice, extension_rate, refinement_rates
+from tests.helpers import SYNTHETIC_BASE as BASE
+from tests.helpers import synthetic_seeds as seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
-BASE = {"task_nll": 1.5, "knowledge_nll": 4.5}
-
-
-def run(task_nll, knowledge_nll, losses):
-    return {"task_nll": task_nll, "knowledge_nll": knowledge_nll, "loss_history": list(enumerate(losses, start=1))}
-
-
-def seeds(task, know, early=1.0, jitter=(0.0, 0.01, -0.01)):
-    """Three seeds around the given means; step 1 (before any update) has the same loss for every method."""
-    return [run(task + j, know + j, [2.0, early + j, early + j, 0.5]) for j in jitter]
-
-
-def verdict_of(results, claim_start):
-    return next(v for c, v, _ in verdicts(results, BASE) if c.startswith(claim_start))
-
-
-def test_paired_differences_and_early_loss():
-    assert paired([1.0, 2.0, 3.0], [0.5, 1.5, 2.5]) == (0.5, 0.0)
-    m, se = paired([1.0, 2.0], [0.0, 0.0])
-    assert m == 1.5 and se == pytest.approx(0.5)
-    # steps 2 .. half: step 1 is the unchanged base model's loss and is left out
-    assert early_loss(run(0, 0, [9.0, 1.0, 3.0, 0.0, 0.0, 0.0])) == 2.0
-
-
-@pytest.mark.parametrize("kpm_gain,kpm_forget,expected", [
-    (0.60, 0.00, "holds"),                          # forgets less, same gain
-    (0.40, 0.00, "not at comparable task gain"),    # forgets less but learns much less
-    (0.60, 0.40, "does not hold"),                  # forgets more
-    (0.60, 0.195, "not shown (within noise)"),      # a difference inside the seeds' noise
-])
-def test_kpm_verdict(kpm_gain, kpm_forget, expected):
-    lora = seeds(BASE["task_nll"] - 0.6, BASE["knowledge_nll"] + 0.2)
-    kpm = [run(BASE["task_nll"] - kpm_gain + j, BASE["knowledge_nll"] + kpm_forget + 3 * j, [2.0, 1.0, 1.0, 0.5])
-           for j in (0.0, 0.01, -0.01)]
-    assert verdict_of({"LoRA": lora, "CorDA-KPM": kpm}, "CorDA-KPM forgets less") == expected
-
-
-def test_ipm_verdicts_compare_early_loss_to_each_method():
-    results = {"LoRA": seeds(0.9, 4.5, early=1.2), "PiSSA": seeds(0.9, 4.5, early=0.9),
-               "CorDA-IPM": seeds(0.9, 4.5, early=1.0)}
-    assert verdict_of(results, "CorDA-IPM learns faster than LoRA") == "holds"
-    assert verdict_of(results, "CorDA-IPM learns faster than PiSSA") == "does not hold"
-
-
-def test_every_corda_arm_is_judged_and_held_against_peft():
-    """Each KPM/IPM arm gets its own claims; ours is held against peft's CorDA of the same mode on every measure."""
-    results = {"LoRA": seeds(0.9, 4.7), "PiSSA": seeds(0.9, 4.5, early=0.9),
-               "CorDA-IPM": seeds(0.9, 4.5, early=0.9), "CorDA-IPM-unbalanced": seeds(1.0, 4.8, early=1.2),
-               "peft-CorDA-IPM": seeds(0.95, 4.5, early=1.0), "CorDA-KPM": seeds(0.9, 4.5),
-               "peft-CorDA-KPM": seeds(0.9, 4.5)}
-    claims = {c: v for c, v, _ in verdicts(results, BASE, {"LoRA": 4e-3, "CorDA-KPM": 2e-3, "peft-CorDA-KPM": 1e-4})}
-    assert claims["CorDA-IPM learns faster than LoRA"] == "holds"
-    assert claims["CorDA-IPM-unbalanced learns faster than PiSSA"] == "does not hold"
-    assert claims["peft-CorDA-KPM forgets less than LoRA at comparable task gain"] == "holds"
-    # better on task and early loss, equal on forgetting: holds; worse on all three: does not hold
-    assert claims["CorDA-IPM is at least as good as peft-CorDA-IPM"] == "holds"
-    assert claims["CorDA-IPM-unbalanced is at least as good as peft-CorDA-IPM"] == "does not hold"
-    assert claims["CorDA-KPM is at least as good as peft-CorDA-KPM"] == "holds"  # equal everywhere
-    assert claims["CorDA-KPM's best learning rate is within 4× of LoRA's"] == "holds"
-    assert claims["peft-CorDA-KPM's best learning rate is within 4× of LoRA's"] == "does not hold"
-
 
 def test_matched_rate_rows_hold_each_pair_side_by_side_at_every_shared_rate():
     from benchmarks.compare_methods import matched_rows
@@ -145,15 +84,6 @@ def test_shared_rates_pair_our_arm_and_peft_wherever_both_ran_every_seed():
     assert list(shared) == ["CorDA-IPM vs peft-CorDA-IPM"]
     assert list(shared["CorDA-IPM vs peft-CorDA-IPM"]) == [2e-4]
     assert list(shared["CorDA-IPM vs peft-CorDA-IPM"][2e-4]) == ["CorDA-IPM", "peft-CorDA-IPM"]
-
-
-def test_dude_verdict_needs_a_match_and_a_smaller_spread():
-    dora = seeds(0.90, 4.5, jitter=(0.0, 0.02, -0.02))
-    assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5)}, "DuDe") == "holds"
-    assert verdict_of({"DoRA": dora, "DuDe": seeds(0.89, 4.5, jitter=(0.0, 0.03, -0.03))}, "DuDe") == \
-        "matches, spread not smaller"
-    assert verdict_of({"DoRA": dora, "DuDe": seeds(1.00, 4.5)}, "DuDe") == "does not hold"
-    assert [c for c, _, _ in verdicts({"DoRA": dora}, BASE)] == []  # only the claims whose methods ran
 
 
 def sweep_of(val_by_lr: dict) -> dict:
@@ -248,18 +178,6 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert json.load(open(f"{out}.json"))["results"] == data["results"]
 
 
-def test_recipe_forgetting_verdict_rule():
-    from benchmarks.recipe_forgetting import verdict
-
-    base = {"task_nll": 1.0, "knowledge_nll": 4.0}
-    lora = [{"task_nll": 0.5 + j, "knowledge_nll": 5.0 + j} for j in (0.0, 0.01, -0.01)]
-    assert verdict([{"task_nll": 0.5 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == "holds"
-    assert verdict([{"task_nll": 0.5 + j, "knowledge_nll": 6.0 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == \
-        "does not hold"
-    assert verdict([{"task_nll": 0.9 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == \
-        "not at comparable task gain"
-
-
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="the KPM recipe calibrates on ../shared/data (CI has it)")
 def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     """The shipped recipes with 2 steps on a tiny model, 2 seeds: runs, evaluations, report, verdict, reuse."""
@@ -305,3 +223,13 @@ def test_rate_curves_keep_single_rate_arms_as_points_only_beside_a_curve():
     assert {m: sorted(c) for m, c in curves.items()} == {"LoRA": [1e-3, 2e-3], "CorDA-KPM": [1e-3]}
     single = {k: v for k, v in every.items() if k[1] == 1e-3}
     assert rate_curves(complete_runs(single, 3)) == {}  # no arm along rates: no plot
+
+
+def test_equal_gain_section_appears_only_where_lora_ran_two_rates():
+    from benchmarks.compare_methods import equal_gain_text
+
+    complete = {("LoRA", 1e-3): seeds(1.0, 4.6), ("LoRA", 2e-3): seeds(0.8, 5.0), ("CorDA-KPM", 1e-3): seeds(0.9, 4.55)}
+    text = equal_gain_text(complete, BASE, 3)
+    assert text.startswith("## KPM against LoRA at equal task gain")
+    assert "| CorDA-KPM at 0.001 | 0.600 |" in text and "CorDA-KPM's curve lies below LoRA's: **holds**." in text
+    assert equal_gain_text({k: v for k, v in complete.items() if k != ("LoRA", 2e-3)}, BASE, 3) == ""
