@@ -437,6 +437,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def rate_list(text: str) -> list[float]:
+    """'a,b,c' as floats; [] when one of them is not a number."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        return []
+
+
 def method_grids(spec: str, methods: list[str], default: list[float],
                  flag: str = "--lrs_for") -> dict[str, list[float]]:
     """`--lrs_for` (or `--extra_rates`) 'M=a,b,c;N=...' over the default grid; an unknown method or a bad number
@@ -444,10 +452,7 @@ def method_grids(spec: str, methods: list[str], default: list[float],
     grids = {m: default for m in methods}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, _, values = part.partition("=")
-        try:
-            grid = [float(v) for v in values.split(",")]
-        except ValueError:
-            grid = []
+        grid = rate_list(values)
         if name not in METHODS or not grid:
             sys.exit(f"error: {flag} entry {part!r}. Fix: METHOD=lr,lr,... with METHOD one of {', '.join(METHODS)}.")
         if name in grids:
@@ -460,15 +465,17 @@ def main() -> None:
     if args.job:
         return job_worker(args)
 
+    # every argument is checked before anything is written to --work_dir
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         sys.exit(f"error: --methods {','.join(unknown)}: unknown. Fix: a comma list of {', '.join(METHODS)}.")
-    os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
-    prepare_data(args.data_dir, args.work_dir, args)
-    methods = args.methods.split(",")
-    lrs = [float(x) for x in args.lrs.split(",")]
+    methods, lrs = args.methods.split(","), rate_list(args.lrs)
+    if not lrs:
+        sys.exit(f"error: --lrs {args.lrs!r}: not a comma list of numbers. Fix: e.g. --lrs 1e-4,4e-4,1.6e-3.")
     grids = method_grids(args.lrs_for, methods, lrs)
     extra = method_grids(args.extra_rates, methods, [], flag="--extra_rates")
+    os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
+    prepare_data(args.data_dir, args.work_dir, args)
     t0 = time.time()
     driver = Driver(args)
     try:
@@ -642,7 +649,7 @@ def command_line(args) -> str:
 
 
 def setup_text(args, model, grids) -> str:
-    default = [float(x) for x in args.lrs.split(",")]  # --lrs; the arms --lrs_for gave another grid are listed
+    default = rate_list(args.lrs)  # the arms --lrs_for gave another grid than --lrs are listed
     grid_text = "; ".join(f"{m} {','.join(f'{lr:g}' for lr in g)}" for m, g in grids.items() if g != default) or "none"
     return (
         f"Setup: {model} (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, **{args.steps} "

@@ -233,3 +233,19 @@ def test_equal_gain_section_appears_only_where_lora_ran_two_rates():
     assert text.startswith("## KPM against LoRA at equal task gain")
     assert "| CorDA-KPM at 0.001 | 0.600 |" in text and "CorDA-KPM's curve lies below LoRA's: **holds**." in text
     assert equal_gain_text({k: v for k, v in complete.items() if k != ("LoRA", 2e-3)}, BASE, 3) == ""
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lrs", "1e-4,x", "--lrs '1e-4,x': not a comma list of numbers"),
+    ("--lrs_for", "LoRA=1e-3,y", "--lrs_for entry 'LoRA=1e-3,y'"),
+    ("--extra_rates", "NoSuchArm=1e-3", "--extra_rates entry 'NoSuchArm=1e-3'"),
+])
+def test_bad_rates_exit_with_the_fix_before_anything_is_written(flag, value, message, tmp_path, monkeypatch, capsys):
+    from benchmarks import compare_methods
+
+    work = tmp_path / "work"
+    monkeypatch.setattr(sys, "argv", ["compare_methods", "--methods", "LoRA", flag, value, "--work_dir", str(work)])
+    with pytest.raises(SystemExit) as exc:
+        compare_methods.main()
+    assert message in str(exc.value) and "Fix:" in str(exc.value)
+    assert not work.exists()
