@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--extra_rates", default="",
                     help="'METHOD=lr,lr;...': also run these arms at these rates, every seed, fully evaluated, for the "
                          "trade-off table (e.g. one arm at a rate where its task gain meets another's)")
+    ap.add_argument("--extra_seeds", type=int, default=0,
+                    help="run the --extra_rates runs on this many seeds (default, 0: --seeds), where reading arms at "
+                         "equal task gain needs more seeds than the selection does; seeds 0 .. N-1")
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (the cores are split between them)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compare_methods"))
     # internal: one run (training and evaluation) in a worker process
@@ -526,22 +529,25 @@ def matched_runs(driver: Driver, best_lr: dict) -> list[dict]:
 
 
 def extra_rate_runs(driver: Driver, extra: dict[str, list[float]], best_lr: dict) -> list[dict]:
-    """`--extra_rates`: each listed arm (among those run) at each listed rate, every seed, fully evaluated; runs that
-    already exist in the work directory are read, not repeated."""
+    """`--extra_rates`: each listed arm (among those run) at each listed rate, on every seed (`--extra_seeds` of them,
+    if more than `--seeds`), fully evaluated; runs that already exist in the work directory are read, not repeated."""
     jobs = [(m, lr) for m, lrs in extra.items() if m in best_lr for lr in lrs]
-    driver.plan(sum(lr != best_lr[m] for m, lr in jobs) * driver.args.seeds)
-    seeds = list(range(driver.args.seeds))
+    n = max(driver.args.seeds, driver.args.extra_seeds)
+    driver.plan(sum(n - driver.args.seeds if lr == best_lr[m] else n for m, lr in jobs))  # finals: planned already
+    seeds = list(range(n))
     runs = parallel(lambda job: parallel(lambda seed: driver.run(*job, seed, True, SEEDS), seeds), jobs)
     return [r for arm_runs in runs for r in arm_runs]
 
 
 def complete_runs(every: dict, seeds: int) -> dict[tuple[str, float], list]:
-    """{(arm, rate): runs ordered by seed} for every (arm, rate) fully evaluated on all seeds."""
-    by: dict[tuple[str, float], list] = {}
-    for (m, lr, _), r in sorted(every.items()):
+    """{(arm, rate): runs ordered by seed} for every (arm, rate) fully evaluated on seeds 0 .. n-1, n ≥ `seeds`
+    (`--extra_seeds` gives some more); a comparison of two of them pairs the seeds they share."""
+    by: dict[tuple[str, float], dict[int, dict]] = {}
+    for (m, lr, seed), r in sorted(every.items()):
         if "task_nll" in r:
-            by.setdefault((m, lr), []).append(r)
-    return {key: runs for key, runs in by.items() if len(runs) == seeds}
+            by.setdefault((m, lr), {})[seed] = r
+    return {key: [runs[s] for s in range(len(runs))] for key, runs in by.items()
+            if len(runs) >= seeds and set(runs) == set(range(len(runs)))}
 
 
 def tradeoff_rows(complete: dict, base: dict) -> list[list]:
@@ -645,6 +651,7 @@ def command_line(args) -> str:
             + (f"--lr_refine {args.lr_refine} " if args.lr_refine else "") + f"--workers {args.workers}"
             + ("" if args.matched_rates else " --no-matched_rates")
             + (f" --extra_rates '{args.extra_rates}'" if args.extra_rates else "")
+            + (f" --extra_seeds {args.extra_seeds}" if args.extra_seeds > args.seeds else "")
             + (f" --model {args.model}" if args.model else ""))
 
 
