@@ -555,7 +555,7 @@ def tradeoff_rows(complete: dict, base: dict) -> list[list]:
     early loss side by side, so that arms can be read at equal task gain."""
     return [[m, f"{lr:g}", fmt(mean_std([r["task_nll"] for r in runs])),
              fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
-             fmt(mean_std([early_loss(r) for r in runs]))]
+             fmt(mean_std([early_loss(r) for r in runs])), str(len(runs))]
             for (m, lr), runs in complete.items()]
 
 
@@ -662,7 +662,8 @@ def setup_text(args, model, grids) -> str:
         f"Setup: {model} (fp32, CPU), r=16 and lora_alpha=16 on q/k/v/o/gate/up/down, **{args.steps} "
         f"steps of batch {args.batch_size}** (sequences ≤ {args.max_length} tokens, completion-only loss, "
         f"{args.steps * args.batch_size} examples per run drawn from a pool of {args.train_pool} GSM8K train "
-        f"problems), AdamW, cosine schedule with {max(args.steps // 10, 1)} warmup step(s), {args.seeds} seeds "
+        f"problems), AdamW, cosine schedule with {max(args.steps // 10, 1)} warmup step(s), {args.seeds} seeds"
+        + (f" ({args.extra_seeds} for the `--extra_rates` runs)" if args.extra_seeds > args.seeds else "") + " "
         f"(a seed fixes the batches, the same for every method, and LoRA's random init). Learning rate: the best of "
         f"the grid {args.lrs} (other grids: {grid_text}) on seed 0 by the answer NLL of {args.val_examples} problems "
         f"held out from GSM8K train; a rate winning on the grid's edge extends the grid one step past it (up to "
@@ -712,9 +713,10 @@ def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
     """Every arm at every rate run on all seeds; then, where peft's arms ran, ours at each rate against theirs."""
     against = against_chosen_rows(complete, best_lr, base)
     return ("## Every arm at every rate run on all seeds\n\nThe final, matched-rate and `--extra_rates` runs side by "
-            f"side (mean ± std over {seeds} seeds), so that two arms can be read at equal task gain.\n\n"
-            + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}"],
-                             tradeoff_rows(complete, base))
+            f"side (mean ± std over the seeds, {seeds} or the `--extra_seeds`), so that two arms can be read at equal "
+            "task gain.\n\n"
+            + markdown_table(["arm", "lr", "GSM8K answer NLL ↓", "NQ gold NLL change ↓", f"train loss, steps 2–{half}",
+                              "seeds"], tradeoff_rows(complete, base))
             + ("\n\nOur arms at every such rate against peft's arm at its own chosen rate (the \"at least as good\" "
                "rule, paired by seed):\n\n"
                + markdown_table(["ours", "peft's", "at least as good", "evidence (paired differences ± standard error)"],
@@ -730,14 +732,15 @@ def equal_gain_text(complete, base, seeds: int) -> str:
     curves = curve_verdicts(rows)
     return ("## KPM against LoRA at equal task gain, along the rates\n\nThe verdicts above hold each arm at its own "
             "chosen rate, and the rate moves forgetting far more than it moves the task gain. Here each KPM arm at every "
-            f"rate it ran on all {seeds} seeds is held against LoRA's forgetting at the same mean GSM8K answer-NLL gain: "
+            f"rate it ran on all {seeds} seeds (or more) is held against LoRA's forgetting at the same mean GSM8K "
+            "answer-NLL gain, on the seeds both ran: "
             "linear in gain between the two LoRA rates whose mean gains bracket it (per seed, with the same weights); "
             "above every LoRA gain, LoRA's largest-gain rate (KPM then gains more); below every one, not decided. The "
             "paired difference, KPM − LoRA there, decides by the 2-standard-error rule. An arm's curve lies below "
             "LoRA's when it forgets less at one rate at least and more at none. This rule was fixed before its runs "
             "(commit ac63a54).\n\n"
             + markdown_table(["KPM arm", "task gain", "NQ gold NLL change", "LoRA read", "LoRA's change there",
-                              "paired difference ± s.e.", "KPM forgets less"], rows)
+                              "seeds paired", "paired difference ± s.e.", "KPM forgets less"], rows)
             + "\n\n" + "; ".join(f"{arm}'s curve lies below LoRA's: **{v}**" for arm, v in curves.items()) + ".")
 
 

@@ -157,7 +157,8 @@ def forgetting_at_gain(curve: list, gain: float) -> tuple[list[float] | None, st
 def equal_gain_rows(complete: dict, base: dict) -> list[list]:
     """Every KPM arm at every rate run on all seeds (`complete`: {(arm, lr): runs}) against LoRA's forgetting at the
     same mean task gain, read off LoRA's rates by `forgetting_at_gain`: [arm and rate, its gain, its forgetting,
-    where LoRA was read, LoRA's forgetting there, the paired difference, the verdict]."""
+    where LoRA was read, LoRA's forgetting there, the seeds paired, the paired difference, the verdict]. Runs are
+    ordered by seed from 0, so pairing the first n of two lists pairs the seeds they share."""
     lora = gain_curve({lr: runs for (m, lr), runs in complete.items() if m == "LoRA"}, base)
     rows = []
     for (m, lr), runs in complete.items():
@@ -168,10 +169,10 @@ def equal_gain_rows(complete: dict, base: dict) -> list[list]:
         ref, where = forgetting_at_gain(lora, gain)
         row = [f"{m} at {lr:g}", f"{gain:.3f}", fmt(mean_std(d["forget"])), f"LoRA {where}"]
         if ref is None:
-            rows.append([*row, "–", "–", "outside LoRA's range"])
+            rows.append([*row, "–", "–", "–", "outside LoRA's range"])
         else:
-            diff = paired(d["forget"], ref)
-            rows.append([*row, f"{statistics.mean(ref):.3f}", _diff(diff), _sign_verdict(diff)])
+            diff, n = paired(d["forget"], ref), min(len(ref), len(runs))
+            rows.append([*row, f"{statistics.mean(ref[:n]):.3f}", str(n), _diff(diff), _sign_verdict(diff)])
     return rows
 
 

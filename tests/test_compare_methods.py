@@ -128,6 +128,7 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.compare_methods", "--model", tiny_model_dir,
            "--methods", "LoRA,CorDA-KPM,peft-CorDA-KPM", "--lrs", "1e-3,2e-3", "--lr_extensions", "1",
            "--lr_refine", "1", "--seeds", "2", "--lrs_for", "peft-CorDA-KPM=1e-3", "--extra_rates", "LoRA=3e-3",
+           "--extra_seeds", "3",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
            "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
            "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
@@ -162,12 +163,16 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
         assert all([r["seed"] for r in runs] == [0, 1] and all(r["lr"] == float(lr) for r in runs)
                    for runs in arms.values())
     assert "Our CorDA beside peft's at the same learning rates" in report
-    # --extra_rates: LoRA at 3e-3 too (never in its sweep), every seed, fully evaluated, in the trade-off table and
-    # its plot (LoRA now has two rates on all seeds)
+    # --extra_rates: LoRA at 3e-3 too (never in its sweep), on the 3 --extra_seeds, fully evaluated, in the
+    # trade-off table and its plot (LoRA now has two rates on all seeds), and each KPM arm read at LoRA's equal gain
     extra = data["extra_rates"]
-    assert sorted((r["method"], r["lr"], r["seed"]) for r in extra) == [("LoRA", 3e-3, 0), ("LoRA", 3e-3, 1)]
+    assert sorted((r["method"], r["lr"], r["seed"]) for r in extra) == [("LoRA", 3e-3, s) for s in range(3)]
     assert all(r["task_nll"] > 0 and r["knowledge_nll"] > 0 for r in extra)
-    assert "| LoRA | 0.003 |" in report and "Every arm at every rate run on all seeds" in report
+    assert "Every arm at every rate run on all seeds" in report and "--extra_seeds 3" in report
+    lora_row = next(line for line in report.splitlines() if line.startswith("| LoRA | 0.003 |"))
+    assert lora_row.endswith("| 3 |")  # its seeds
+    assert "KPM against LoRA at equal task gain" in report
+    assert {row[0].rsplit(" at ", 1)[0] for row in data["equal_gain"]} == {"CorDA-KPM", "peft-CorDA-KPM"}
     assert "_tradeoff.png" in report and os.path.getsize(f"{out}_tradeoff.png") > 0
     assert os.path.getsize(f"{out}_loss.png") > 0 and os.path.getsize(f"{out}_knowledge_vs_task.png") > 0
     # a second invocation reuses every finished run and evaluation: nothing trains again
@@ -249,3 +254,16 @@ def test_bad_rates_exit_with_the_fix_before_anything_is_written(flag, value, mes
         compare_methods.main()
     assert message in str(exc.value) and "Fix:" in str(exc.value)
     assert not work.exists()
+
+
+def test_complete_runs_keep_an_arm_run_on_more_seeds_and_drop_gaps():
+    from benchmarks.compare_methods import complete_runs
+
+    every = {}
+    for key, seed_list in ((("A", 1e-3), range(5)), (("B", 1e-3), range(3)), (("C", 1e-3), (0, 1, 3)),
+                           (("D", 1e-3), range(2))):
+        for seed in seed_list:
+            every[(*key, seed)] = {"task_nll": 1.0 + seed, "knowledge_nll": 4.5}
+    complete = complete_runs(every, 3)
+    assert {k: len(v) for k, v in complete.items()} == {("A", 1e-3): 5, ("B", 1e-3): 3}  # C has a gap, D too few
+    assert [r["task_nll"] for r in complete[("A", 1e-3)]] == [1.0, 2.0, 3.0, 4.0, 5.0]  # ordered by seed

@@ -113,7 +113,7 @@ def test_equal_gain_rows_hold_each_kpm_rate_against_lora_at_the_same_gain():
     assert [r[0] for r in rows] == ["CorDA-KPM at 0.0005", "CorDA-KPM at 0.001", "peft-CorDA-KPM at 0.002"]
     assert rows[0][-1] == "outside LoRA's range" and rows[0][4] == "–"
     assert rows[1][1] == "0.600" and rows[1][3] == "LoRA between 0.001 and 0.002 (0.50 of the way)"
-    assert rows[1][4] == "0.300" and rows[1][5].startswith("-0.250") and rows[1][-1] == "holds"
+    assert rows[1][4] == "0.300" and rows[1][5] == "3" and rows[1][6].startswith("-0.250") and rows[1][-1] == "holds"
     assert rows[2][3] == "LoRA at 0.002, its largest gain (0.700)" and rows[2][-1] == "does not hold"
     assert curve_verdicts(rows) == {"CorDA-KPM": "holds", "peft-CorDA-KPM": "does not hold"}
     noisy = {**complete, ("CorDA-KPM", 1e-3): seeds(0.9, 4.8, jitter=(0.0, 0.3, -0.3))}  # 0.3 ± noise
@@ -123,6 +123,14 @@ def test_equal_gain_rows_hold_each_kpm_rate_against_lora_at_the_same_gain():
 
 
 def test_a_kpm_curve_forgetting_less_at_one_rate_and_more_at_another_is_not_shown():
-    rows = [["A at 0.001", "", "", "", "", "", "holds"], ["A at 0.002", "", "", "", "", "", "does not hold"],
-            ["B at 0.001", "", "", "", "", "", "outside LoRA's range"]]
+    rows = [["A at 0.001", "", "", "", "", "", "", "holds"], ["A at 0.002", "", "", "", "", "", "", "does not hold"],
+            ["B at 0.001", "", "", "", "", "", "", "outside LoRA's range"]]
     assert curve_verdicts(rows) == {"A": "not shown", "B": "not shown"}
+
+
+def test_equal_gain_pairs_the_seeds_both_arms_ran():
+    """KPM on 5 seeds against LoRA on 3: the first 3 (seeds 0-2) are paired; KPM's gain is the mean of its 5."""
+    five = seeds(0.9, 4.55, jitter=(0.0, 0.01, -0.01, 0.02, -0.02))
+    complete = {("LoRA", 1e-3): seeds(1.0, 4.6), ("LoRA", 2e-3): seeds(0.8, 5.0), ("CorDA-KPM", 1e-3): five}
+    (row,) = equal_gain_rows(complete, BASE)
+    assert row[1] == "0.600" and row[5] == "3" and row[6].startswith("-0.250") and row[-1] == "holds"
