@@ -138,6 +138,13 @@ def gain_curve(by_lr: dict, base: dict) -> list[tuple[float, float, list[float]]
     return sorted(points)
 
 
+def lower_envelope(curve: list) -> list:
+    """The points of a `gain_curve` that no other point dominates (as much gain or more with less forgetting, in the
+    means): an arm's best trade-offs. A dominated rate would make another arm look better than this arm can be."""
+    mean = statistics.mean
+    return [p for p in curve if not any(q is not p and q[0] >= p[0] and mean(q[2]) < mean(p[2]) for q in curve)]
+
+
 def forgetting_at_gain(curve: list, gain: float) -> tuple[list[float] | None, str]:
     """An arm's per-seed forgetting at mean task gain `gain`, linear in gain between the two rates of `curve` whose
     gains bracket it (per seed, the same weights); above every gain of the curve, that of its largest-gain rate; below
@@ -156,10 +163,10 @@ def forgetting_at_gain(curve: list, gain: float) -> tuple[list[float] | None, st
 
 def equal_gain_rows(complete: dict, base: dict) -> list[list]:
     """Every KPM arm at every rate run on all seeds (`complete`: {(arm, lr): runs}) against LoRA's forgetting at the
-    same mean task gain, read off LoRA's rates by `forgetting_at_gain`: [arm and rate, its gain, its forgetting,
-    where LoRA was read, LoRA's forgetting there, the seeds paired, the paired difference, the verdict]. Runs are
-    ordered by seed from 0, so pairing the first n of two lists pairs the seeds they share."""
-    lora = gain_curve({lr: runs for (m, lr), runs in complete.items() if m == "LoRA"}, base)
+    same mean task gain, read off LoRA's best rates (`lower_envelope`) by `forgetting_at_gain`: [arm and rate, its
+    gain, its forgetting, where LoRA was read, LoRA's forgetting there, the seeds paired, the paired difference, the
+    verdict]. Runs are ordered by seed from 0, so pairing the first n of two lists pairs the seeds they share."""
+    lora = lower_envelope(gain_curve({lr: runs for (m, lr), runs in complete.items() if m == "LoRA"}, base))
     rows = []
     for (m, lr), runs in complete.items():
         if "KPM" not in m or not lora:

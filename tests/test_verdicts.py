@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.common import paired
 from benchmarks.verdicts import (curve_verdicts, early_loss, equal_gain_rows, forgetting_at_gain, gain_curve,
-                                 verdicts)
+                                 lower_envelope, verdicts)
 from tests.helpers import SYNTHETIC_BASE as BASE
 from tests.helpers import synthetic_run as run
 from tests.helpers import synthetic_seeds as seeds
@@ -134,3 +134,12 @@ def test_equal_gain_pairs_the_seeds_both_arms_ran():
     complete = {("LoRA", 1e-3): seeds(1.0, 4.6), ("LoRA", 2e-3): seeds(0.8, 5.0), ("CorDA-KPM", 1e-3): five}
     (row,) = equal_gain_rows(complete, BASE)
     assert row[1] == "0.600" and row[5] == "3" and row[6].startswith("-0.250") and row[-1] == "holds"
+
+
+def test_a_lora_rate_another_dominates_is_not_read():
+    """LoRA at 4e-3 gains less (0.5) and forgets more (0.4) than at 2e-3 (0.6, 0.1): KPM is read against 2e-3 only."""
+    curve = gain_curve({2e-3: seeds(0.9, 4.6), 4e-3: seeds(1.0, 4.9), 1e-3: seeds(1.1, 4.4)}, BASE)
+    assert [lr for _, lr, _ in lower_envelope(curve)] == [1e-3, 2e-3]
+    complete = {("LoRA", 2e-3): seeds(0.9, 4.6), ("LoRA", 4e-3): seeds(1.0, 4.9), ("CorDA-KPM", 1e-3): seeds(1.0, 4.6)}
+    (row,) = equal_gain_rows(complete, BASE)  # gain 0.5: below the one best LoRA rate's gain, 0.6
+    assert row[-1] == "outside LoRA's range" and "0.600 at 0.002" in row[3]
