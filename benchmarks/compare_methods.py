@@ -723,10 +723,10 @@ def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
                                 against) if against else ""))
 
 
-def equal_gain_text(complete, base, seeds: int) -> str:
-    """Each KPM arm at every rate run on all seeds against LoRA's forgetting at the same task gain, where LoRA ran
-    two rates at least on all seeds (the reading fixed by the plan of ac63a54); else empty."""
-    rows = equal_gain_rows(complete, base)
+def equal_gain_text(complete, rows: list[list], seeds: int) -> str:
+    """The `equal_gain_rows` of `complete`: each KPM arm at every rate run on all seeds against LoRA's forgetting at
+    the same task gain, where LoRA ran two rates at least on all seeds (the reading fixed by the plan of ac63a54);
+    else empty."""
     if not rows or sum(m == "LoRA" for m, _ in complete) < 2:
         return ""
     curves = curve_verdicts(rows)
@@ -753,6 +753,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     # each pair at every rate both arms ran on all seeds: their chosen rates, and any --extra_rates given to both
     matched = shared_rates(complete) if args.matched_rates else {}
     curves = rate_curves(complete)
+    equal_gain = equal_gain_rows(complete, base)  # each KPM arm's rates against LoRA at equal task gain
     n_runs, train_minutes = len(every), sum(r["train_seconds"] for r in every.values()) / 60
     all_lrs = sorted({lr for m in methods for lr in sweep[m]})
     coarse = {m: coarse_choice(sweep[m], grids[m], args.lr_extensions) for m in methods} if args.lr_refine else {}
@@ -788,7 +789,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
                          verdict_rows),
         *([matched_text(matched, base, args.seeds)] if matched else []),
         tradeoff_text(complete, best_lr, base, args.seeds, half),
-        *filter(None, [equal_gain_text(complete, base, args.seeds)]),
+        *filter(None, [equal_gain_text(complete, equal_gain, args.seeds)]),
         "## Factor norms at init (‖B‖_F / ‖A‖_F, mean over the layers of each type, seed 0)\n\n"
         + markdown_table(["method", *kinds], norms),
         "## Learning-rate sweep (seed 0, GSM8K validation answer NLL)\n\n" + markdown_table(
@@ -802,7 +803,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
     ])
     write_report(args.out + ".md", text, {
         "base": base, "sweep": {m: {str(k): v for k, v in d.items()} for m, d in sweep.items()}, "results": results,
-        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": claims, "equal_gain": equal_gain_rows(complete, base),
+        "best_lr": best_lr, "coarse_lr": coarse, "verdicts": claims, "equal_gain": equal_gain,
         "invocations": invocations,
         "matched": {pair: {str(lr): arms for lr, arms in by_lr.items()} for pair, by_lr in matched.items()},
         "extra_rates": list(extra_runs),

@@ -7,8 +7,8 @@ the base model on
     exact match on the first 20 (measured by trl_recipes.sft before and after training);
   * knowledge: NQ-open gold-answer NLL on questions of the EfficientQA dev file that are not in NQ-open.dev, the file
     the KPM recipe calibrates on (so none of them was seen by the calibration).
-The verdict uses compare_methods' rule (benchmarks/verdicts.py): a difference counts when it exceeds twice its standard error over seeds,
-paired by seed (a seed fixes the order of the training batches for every arm).
+The verdict uses compare_methods' rule (benchmarks/verdicts.py): a difference counts when it exceeds twice its
+standard error over seeds, paired by seed (a seed fixes the order of the training batches for every arm).
 
     python -m benchmarks.recipe_forgetting      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
     python -m benchmarks.recipe_forgetting --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
@@ -126,11 +126,10 @@ def run_job(args, slots: Slots, name: str) -> dict:
     return result
 
 
-def verdict(kpm: list[dict], lora: list[dict], base: dict, names=("KPM", "LoRA")) -> tuple[str, str]:
-    """compare_methods' KPM rule (`benchmarks.verdicts.kpm_claim`) on these runs: (verdict, evidence)."""
-    _, text, evidence = kpm_claim(names[0], gain_and_forgetting(kpm, base), gain_and_forgetting(lora, base),
-                                  names[1], task="task NLL", knowledge="gold NLL")
-    return text, evidence
+def claim(kpm: list[dict], lora: list[dict], base: dict, names=("KPM", "LoRA")) -> tuple[str, str, str]:
+    """compare_methods' KPM rule (`benchmarks.verdicts.kpm_claim`) on these runs: (claim, verdict, evidence)."""
+    return kpm_claim(names[0], gain_and_forgetting(kpm, base), gain_and_forgetting(lora, base), names[1],
+                     task="task NLL", knowledge="gold NLL")
 
 
 def report(args, arms, base, results, wall_minutes) -> None:
@@ -161,9 +160,8 @@ def report(args, arms, base, results, wall_minutes) -> None:
              "final train loss", "s/step (median)"], rows),
         "Knowledge gold NLL change per seed:\n\n" + markdown_table(["arm", *[f"seed {s}" for s in seeds]], per_seed),
     ]
-    verdict_rows = [[f"{k} forgets less than {lo} at comparable task gain", f"**{v[0]}**", v[1]]
-                    for k in results if "KPM" in k for lo in results if lo.startswith("LoRA")
-                    for v in [verdict(results[k], results[lo], base, (k, lo))]]
+    verdict_rows = [[c, f"**{v}**", e] for k in results if "KPM" in k for lo in results if lo.startswith("LoRA")
+                    for c, v, e in [claim(results[k], results[lo], base, (k, lo))]]
     if verdict_rows:
         parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,

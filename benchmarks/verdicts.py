@@ -38,6 +38,11 @@ def derived(results: dict, base: dict) -> dict:
             for m, runs in results.items()}
 
 
+def _sign_verdict(d) -> str:
+    """(mean, standard error) of a paired difference, lower is better: the 2-standard-error rule."""
+    return "holds" if d[0] + 2 * d[1] < 0 else "does not hold" if d[0] - 2 * d[1] > 0 else "not shown (within noise)"
+
+
 def _diff(d, unit=""):
     return f"{d[0]:+.3f} ± {d[1]:.3f}{unit}"
 
@@ -58,9 +63,7 @@ def kpm_claim(name, kpm, lora, lora_name="LoRA", task="GSM8K NLL", knowledge="NQ
 
 def _ipm_claim(name, ipm, other_name, other, half):
     de, dt = paired(ipm["early"], other["early"]), paired(ipm["task_nll"], other["task_nll"])
-    verdict = ("holds" if de[0] + 2 * de[1] < 0 else "does not hold" if de[0] - 2 * de[1] > 0
-               else "not shown (within noise)")
-    return (f"{name} learns faster than {other_name}", verdict,
+    return (f"{name} learns faster than {other_name}", _sign_verdict(de),
             f"mean training loss over steps 2–{half} {name} {fmt(mean_std(ipm['early']))} vs {other_name} "
             f"{fmt(mean_std(other['early']))} (paired difference {_diff(de)}); final GSM8K test answer NLL "
             f"difference {name} − {other_name} {_diff(dt)}")
@@ -124,11 +127,6 @@ def verdicts(results: dict, base: dict, best_lr: dict | None = None) -> list[tup
 # --- forgetting at equal task gain, along the rates (the plan of ac63a54) ---------------------------------------------
 
 
-def _sign_verdict(d) -> str:
-    """(mean, standard error) of a paired difference, lower is better: the 2-standard-error rule."""
-    return "holds" if d[0] + 2 * d[1] < 0 else "does not hold" if d[0] - 2 * d[1] > 0 else "not shown (within noise)"
-
-
 def gain_curve(by_lr: dict, base: dict) -> list[tuple[float, float, list[float]]]:
     """One arm at each of its rates: (mean task gain, rate, per-seed forgetting), ordered by mean gain."""
     points = []
@@ -167,9 +165,11 @@ def equal_gain_rows(complete: dict, base: dict) -> list[list]:
     gain, its forgetting, where LoRA was read, LoRA's forgetting there, the seeds paired, the paired difference, the
     verdict]. Runs are ordered by seed from 0, so pairing the first n of two lists pairs the seeds they share."""
     lora = lower_envelope(gain_curve({lr: runs for (m, lr), runs in complete.items() if m == "LoRA"}, base))
+    if not lora:
+        return []
     rows = []
     for (m, lr), runs in complete.items():
-        if "KPM" not in m or not lora:
+        if "KPM" not in m:
             continue
         d = gain_and_forgetting(runs, base)
         gain = statistics.mean(d["gain"])

@@ -232,12 +232,14 @@ def test_rate_curves_keep_single_rate_arms_as_points_only_beside_a_curve():
 
 def test_equal_gain_section_appears_only_where_lora_ran_two_rates():
     from benchmarks.compare_methods import equal_gain_text
+    from benchmarks.verdicts import equal_gain_rows
 
     complete = {("LoRA", 1e-3): seeds(1.0, 4.6), ("LoRA", 2e-3): seeds(0.8, 5.0), ("CorDA-KPM", 1e-3): seeds(0.9, 4.55)}
-    text = equal_gain_text(complete, BASE, 3)
+    text = equal_gain_text(complete, equal_gain_rows(complete, BASE), 3)
     assert text.startswith("## KPM against LoRA at equal task gain")
     assert "| CorDA-KPM at 0.001 | 0.600 |" in text and "CorDA-KPM's curve lies below LoRA's: **holds**." in text
-    assert equal_gain_text({k: v for k, v in complete.items() if k != ("LoRA", 2e-3)}, BASE, 3) == ""
+    one_rate = {k: v for k, v in complete.items() if k != ("LoRA", 2e-3)}
+    assert equal_gain_text(one_rate, equal_gain_rows(one_rate, BASE), 3) == ""
 
 
 @pytest.mark.parametrize("flag,value,message", [

@@ -72,14 +72,14 @@ def test_dude_verdict_needs_a_match_and_a_smaller_spread():
 
 
 def test_recipe_forgetting_verdict_rule():
-    from benchmarks.recipe_forgetting import verdict
+    from benchmarks.recipe_forgetting import claim
 
     base = {"task_nll": 1.0, "knowledge_nll": 4.0}
     lora = [{"task_nll": 0.5 + j, "knowledge_nll": 5.0 + j} for j in (0.0, 0.01, -0.01)]
-    assert verdict([{"task_nll": 0.5 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == "holds"
-    assert verdict([{"task_nll": 0.5 + j, "knowledge_nll": 6.0 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == \
+    assert claim([{"task_nll": 0.5 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[1] == "holds"
+    assert claim([{"task_nll": 0.5 + j, "knowledge_nll": 6.0 + j} for j in (0.0, 0.02, -0.01)], lora, base)[1] == \
         "does not hold"
-    assert verdict([{"task_nll": 0.9 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[0] == \
+    assert claim([{"task_nll": 0.9 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[1] == \
         "not at comparable task gain"
 
 
