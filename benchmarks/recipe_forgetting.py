@@ -32,7 +32,7 @@ from peft_ext.jsonl import read_jsonl
 
 from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
                                write_jsonl, write_report)
-from benchmarks.verdicts import gain_and_forgetting, kpm_claim
+from benchmarks.verdicts import curve_verdicts, equal_gain_rows, gain_and_forgetting, kpm_claim
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
 TEST_FILE = os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")
@@ -47,6 +47,56 @@ def parse_arms(spec: str) -> dict[str, tuple[str, list[str]]]:
             sys.exit(f"error: --arms entry {part!r}: expected NAME=RECIPE [flags] with RECIPE under {SMOL}.")
         arms[name.strip()] = (words[0], words[1:])
     return arms
+
+
+def arm_rate(recipe: str, flags: list[str]) -> float:
+    """The learning rate an arm trains with: its `--learning_rate` flag (the last one, as the parser reads it), else
+    its recipe's."""
+    rate = None
+    for i, word in enumerate(flags):
+        if word == "--learning_rate" and i + 1 < len(flags):
+            rate = flags[i + 1]
+        elif word.startswith("--learning_rate="):
+            rate = word.partition("=")[2]
+    if rate is None:
+        import yaml
+
+        with open(os.path.join(SMOL, recipe)) as f:
+            rate = yaml.safe_load(f)["learning_rate"]
+    try:
+        return float(rate)
+    except ValueError:
+        sys.exit(f"error: --arms entry {recipe} {' '.join(flags)}: learning rate {rate!r} is not a number; "
+                 "give it as e.g. --learning_rate 2e-4.")
+
+
+def along_rates(arms: dict, results: dict) -> dict:
+    """{(arm, rate): runs} for `equal_gain_rows`: every arm named LoRA... is one rate of LoRA; any other arm is its
+    own. Two LoRA arms at one rate are refused: they would be one point of LoRA's curve."""
+    out, names = {}, {}
+    for name, runs in results.items():
+        key = ("LoRA" if name.startswith("LoRA") else name, arm_rate(*arms[name]))
+        if key in out:
+            sys.exit(f"error: --arms {names[key]!r} and {name!r} are both LoRA at learning rate {key[1]:g}; give one "
+                     "of them another rate, or a name that does not start with 'LoRA'.")
+        out[key], names[key] = runs, name
+    return out
+
+
+def equal_gain_text(rows: list[list], lora_arms: int) -> str:
+    """The `equal_gain_rows` of these arms, where two LoRA arms or more ran; else empty."""
+    if not rows or lora_arms < 2:
+        return ""
+    return ("## KPM against LoRA at equal task gain, along LoRA's rates\n\nEach KPM arm is held against LoRA's gold "
+            "NLL change at KPM's mean task gain (base task NLL minus the arm's), read linearly in gain between the two "
+            "LoRA arms whose mean gains bracket it (per seed, the same weights), among LoRA's best rates; above every "
+            "LoRA gain, LoRA's largest-gain arm; below every one, not decided. The paired difference, KPM − LoRA "
+            "there, decides by the 2-standard-error rule (compare_methods' equal-gain reading, fixed in commit "
+            "ac63a54).\n\n"
+            + markdown_table(["KPM arm", "task gain", "gold NLL change", "LoRA read", "LoRA's change there",
+                              "seeds paired", "paired difference ± s.e.", "KPM forgets less"], rows)
+            + "\n\n" + "; ".join(f"{arm} lies below LoRA's curve: **{v}**" for arm, v in curve_verdicts(rows).items())
+            + ".")
 
 
 def knowledge_records(data_dir: str, n: int) -> list[dict]:
@@ -164,7 +214,11 @@ def report(args, arms, base, results, wall_minutes) -> None:
                     for c, v, e in [claim(results[k], results[lo], base, (k, lo))]]
     if verdict_rows:
         parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
+    complete = along_rates(arms, results)
+    equal_gain = equal_gain_rows(complete, base)  # each KPM arm against LoRA at its task gain
+    parts += filter(None, [equal_gain_text(equal_gain, sum(m == "LoRA" for m, _ in complete))])
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,
+                                                       "equal_gain": equal_gain,
                                                        "args": {k: v for k, v in vars(args).items() if k != "job"}})
 
 
@@ -187,6 +241,7 @@ def main() -> None:
     if args.job:
         return job_worker(args)
     arms = parse_arms(args.arms)
+    along_rates(arms, dict.fromkeys(arms, []))  # every arm's rate read, no two LoRA arms at one rate: before any work
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
     write_jsonl(os.path.join(args.work_dir, "knowledge.jsonl"), knowledge_records(args.data_dir, args.knowledge_examples))
     slots, t0 = Slots(args.workers), time.time()

@@ -143,3 +143,44 @@ def test_a_lora_rate_another_dominates_is_not_read():
     complete = {("LoRA", 2e-3): seeds(0.9, 4.6), ("LoRA", 4e-3): seeds(1.0, 4.9), ("CorDA-KPM", 1e-3): seeds(1.0, 4.6)}
     (row,) = equal_gain_rows(complete, BASE)  # gain 0.5: below the one best LoRA rate's gain, 0.6
     assert row[-1] == "outside LoRA's range" and "0.600 at 0.002" in row[3]
+
+
+def test_recipe_arms_rates_come_from_the_flag_or_the_recipe():
+    from benchmarks.recipe_forgetting import arm_rate
+
+    assert arm_rate("lora/config_cpu.yaml", []) == 5e-4  # the recipe's own
+    assert arm_rate("corda/config_kpm_cpu.yaml", []) == 2e-4
+    assert arm_rate("lora/config_cpu.yaml", ["--max_steps", "2", "--learning_rate", "3e-4"]) == 3e-4
+    assert arm_rate("lora/config_cpu.yaml", ["--learning_rate=1e-4"]) == 1e-4
+    with pytest.raises(SystemExit, match="'fast' is not a number"):
+        arm_rate("lora/config_cpu.yaml", ["--learning_rate", "fast"])
+
+
+def test_recipe_lora_arms_are_one_curve_and_kpm_is_read_along_it():
+    """LoRA arms (any name starting with LoRA) are the rates of one curve; KPM at 2e-4 is read between two of them."""
+    from benchmarks.recipe_forgetting import along_rates, equal_gain_text
+
+    arms = {"LoRA": ("lora/config_cpu.yaml", []), "LoRA-2e-4": ("lora/config_cpu.yaml", ["--learning_rate", "2e-4"]),
+            "CorDA-KPM": ("corda/config_kpm_cpu.yaml", [])}
+    results = {"LoRA": seeds(0.8, 5.0), "LoRA-2e-4": seeds(1.0, 4.6), "CorDA-KPM": seeds(0.9, 4.55)}
+    complete = along_rates(arms, results)
+    assert set(complete) == {("LoRA", 5e-4), ("LoRA", 2e-4), ("CorDA-KPM", 2e-4)}
+    rows = equal_gain_rows(complete, BASE)
+    assert rows[0][3] == "LoRA between 0.0002 and 0.0005 (0.50 of the way)" and rows[0][-1] == "holds"
+    text = equal_gain_text(rows, 2)
+    assert "| CorDA-KPM at 0.0002 | 0.600 |" in text and "CorDA-KPM lies below LoRA's curve: **holds**" in text
+    assert equal_gain_text(rows, 1) == ""  # one LoRA arm: no curve to read
+    with pytest.raises(SystemExit, match="'LoRA' and 'LoRA-again' are both LoRA at learning rate 0.0005"):
+        along_rates({**arms, "LoRA-again": ("lora/config_cpu.yaml", ["--max_steps", "9"])}, dict.fromkeys(
+            [*arms, "LoRA-again"], []))
+
+
+def test_recipe_forgetting_refuses_two_lora_arms_at_one_rate_before_writing(tmp_path, monkeypatch):
+    from benchmarks import recipe_forgetting
+
+    work = tmp_path / "work"
+    monkeypatch.setattr("sys.argv", ["recipe_forgetting", "--work_dir", str(work), "--out", str(tmp_path / "r"),
+                                     "--arms", "LoRA=lora/config_cpu.yaml;LoRA-b=lora/config_cpu.yaml --seed 1"])
+    with pytest.raises(SystemExit, match="both LoRA at learning rate 0.0005"):
+        recipe_forgetting.main()
+    assert not work.exists() and not list(tmp_path.iterdir())
