@@ -65,6 +65,9 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
     # peft's per-sample max normalisation of the calibration activations, on our balanced factors
     "CorDA-IPM-maxnorm": ("corda/config_ipm_cpu.yaml", [*_IPM, *_MAXNORM, "--calibration_cache",
                                                         "{work}/ipm_maxnorm_covariance"]),
+    # KPM with its A factors kept at init (only B trains): the update reads only the directions KPM chose
+    "CorDA-KPM-frozenA": ("corda/config_kpm_cpu.yaml", [*_KPM, "--train_lora_A", "false", "--calibration_cache",
+                                                        "{work}/kpm_covariance.safetensors"]),
     "peft-CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, *_PEFT, "--calibration_cache",
                                                      "{work}/peft_kpm_covariance.pt"]),
     "peft-CorDA-IPM": ("corda/config_ipm_cpu.yaml", [*_IPM, *_PEFT, "--calibration_cache",

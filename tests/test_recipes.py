@@ -41,6 +41,28 @@ def test_cli_two_steps_per_method(method, recipe, extra, tiny_model_dir, tmp_pat
     assert_adapter_and_export_agree(tiny_model_dir, out)
 
 
+def test_train_lora_A_false_trains_only_B(tiny_model_dir, tmp_path):
+    """--train_lora_A false (KPM): every A factor is saved as it was initialised, every B factor moved."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    proc = run_cli("--config", os.path.join(SMOL, "corda/config_kpm_cpu.yaml"), "--model_name_or_path",
+                   tiny_model_dir, "--output_dir", str(out), *FAST, "--calibration_samples", "16",
+                   "--calibration_text_field", "prompt,completion", "--calibration_dataset",
+                   os.path.join(ROOT, "trl_recipes", "data", "test.jsonl"), "--train_lora_A", "false")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = check_finished_run(out, "corda")
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    a_keys = [k for k in saved if k.endswith("lora_A.weight")]
+    assert len(a_keys) == 14 and metrics["trainable_parameters"] == sum(
+        saved[k.replace("lora_A", "lora_B")].numel() for k in a_keys)
+    for key in a_keys:
+        prefix = key[: -len("lora_A.weight")]
+        assert torch.equal(saved[key], saved[prefix + "lora_init_A"]), key
+        assert not torch.equal(saved[prefix + "lora_B.weight"], saved[prefix + "lora_init_B"]), key
+    assert_adapter_and_export_agree(tiny_model_dir, out)
+
+
 def test_default_run_on_smollm2_few_steps(tmp_path):
     """The README's main job, shortened: no recipe given, the packaged SmolLM2 with DuDe on the shipped data."""
     out = tmp_path / "default"

@@ -87,6 +87,12 @@ class PeftMethodArguments:
             )
         },
     )
+    train_lora_A: bool = field(
+        default=True,
+        metadata={"help": "false: the A factors (the input side of every adapter) stay at their init and only B (and "
+                          "DoRA/DuDe's magnitude) trains, as LoRA-FA. With CorDA-KPM, A then keeps reading only the "
+                          "input directions its calibration data excites least."},
+    )
     eval_examples: int = field(
         default=3, metadata={"help": "Held-out examples answered before and after training (0: skip)."}
     )

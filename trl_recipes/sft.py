@@ -340,6 +340,10 @@ def build_trainer(model, tokenizer, train, peft_config, training_args, method_ar
     if quantized:
         settle_quantized_adapter_dtypes(trainer.model, sixteen_bit=training_args.bf16 or training_args.fp16,
                                         zero3=is_deepspeed_zero3_enabled())
+    if not method_args.train_lora_A:  # after the dtype fix-up; before train() builds the optimizer and DeepSpeed
+        for name, param in trainer.model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     if converts_at_save(method_args) and main_process:
         # peft's route to a plain adapter for PiSSA (and its CorDA): keep the initial factors, convert at save time
         config = trainer.model.peft_config["default"]
