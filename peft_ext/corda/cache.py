@@ -58,7 +58,8 @@ def check_cache_destination(path: Optional[str], sequential: bool) -> None:
                          f"path in a writable folder, or cache_file=None.") from None
 
 
-def load_cache(path: str, expected: dict) -> Calibration:
+def read_cache(path: str) -> Calibration:
+    """A whole-model cache as it is, its fingerprint unchecked (`load_cache` checks it)."""
     from safetensors import safe_open
 
     try:
@@ -75,6 +76,18 @@ def load_cache(path: str, expected: dict) -> Calibration:
             f"peft_ext.calibrate: the covariance cache '{path}' is unreadable or not a peft_ext CorDA cache ({exc}). "
             f"Fix: delete it (it is rebuilt on the next run) or pass another cache_file."
         ) from exc
+    out = []
+    for members, n, cov in zip(groups, tokens, covariances):
+        if cov.shape[0] != cov.shape[1] or not torch.isfinite(cov).all():
+            raise ValueError(f"peft_ext.calibrate: the covariance cache '{path}' is damaged ({members[0]}). Fix: delete it.")
+        out.append(CovarianceGroup(members=members, covariance=cov, tokens=n))
+    return Calibration(out, fingerprint, source=path)
+
+
+def load_cache(path: str, expected: dict) -> Calibration:
+    """`read_cache`, refused when it was built for another model, target set or data than `expected`."""
+    calib = read_cache(path)
+    fingerprint = calib.fingerprint
     differing = sorted(k for k in set(expected) | set(fingerprint) if expected.get(k) != fingerprint.get(k))
     if differing:
         raise ValueError(
@@ -83,12 +96,7 @@ def load_cache(path: str, expected: dict) -> Calibration:
             f"now {[expected.get(k) for k in differing if k != 'targets']}). It is not used. Fix: delete it to "
             f"rebuild, or pass another cache_file."
         )
-    out = []
-    for members, n, cov in zip(groups, tokens, covariances):
-        if cov.shape[0] != cov.shape[1] or not torch.isfinite(cov).all():
-            raise ValueError(f"peft_ext.calibrate: the covariance cache '{path}' is damaged ({members[0]}). Fix: delete it.")
-        out.append(CovarianceGroup(members=members, covariance=cov, tokens=n))
-    return Calibration(out, fingerprint, source=path)
+    return calib
 
 
 # --- block-by-block cache -----------------------------------------------------------------------------------------
