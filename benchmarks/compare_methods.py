@@ -41,6 +41,7 @@ from peft_ext.jsonl import read_jsonl
 
 from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
                                write_jsonl, write_report)
+from benchmarks.plots import save_gain_forget, tradeoff_plot
 from benchmarks.verdicts import (at_least_as_good_claim, curve_verdicts, derived, early_loss, equal_gain_rows,
                                  verdicts)
 
@@ -240,36 +241,10 @@ def plots(results, base, out_prefix, curves=None):
         dots = ax.scatter(gain, forget, alpha=0.35)
         ax.errorbar(statistics.mean(gain), statistics.mean(forget), xerr=mean_std(gain)[1],
                     yerr=mean_std(forget)[1], fmt="o", capsize=3, color=dots.get_facecolor()[0][:3], label=method)
-    _save_gain_forget(plt, fig, ax, "knowledge change vs task gain (dots: seeds; bars: mean ± std)",
-                      out_prefix + "_knowledge_vs_task.png")
+    save_gain_forget(plt, fig, ax, "knowledge change vs task gain (dots: seeds; bars: mean ± std)",
+                     out_prefix + "_knowledge_vs_task.png")
     if curves:
         tradeoff_plot(plt, curves, base, out_prefix + "_tradeoff.png")
-
-
-def tradeoff_plot(plt, curves: dict, base: dict, path: str) -> None:
-    """Each arm as a curve through its (task gain, forgetting) means, by rate (a point where it ran one rate)."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for method, by_lr in curves.items():
-        points = sorted(by_lr.items())
-        d = derived(dict(points), base)
-        xs = [statistics.mean(d[lr]["gain"]) for lr, _ in points]
-        ys = [statistics.mean(d[lr]["forget"]) for lr, _ in points]
-        ax.plot(xs, ys, "o-", label=method)
-        for (lr, _), x, y in zip(points, xs, ys):
-            ax.annotate(f"{lr:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    _save_gain_forget(plt, fig, ax, "each arm along its learning rates (mean over seeds)", path)
-
-
-def _save_gain_forget(plt, fig, ax, title: str, path: str) -> None:
-    """The task-gain (x) vs forgetting (y) axes, labelled, written to `path`."""
-    ax.axhline(0, color="gray", lw=0.8)
-    ax.set(xlabel="task gain: GSM8K test answer NLL decrease →", ylabel="forgetting: NQ-open gold NLL increase ↓",
-           title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --- driver ---------------------------------------------------------------------------------------------------------

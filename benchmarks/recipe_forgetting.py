@@ -99,6 +99,20 @@ def equal_gain_text(rows: list[list], lora_arms: int) -> str:
             + ".")
 
 
+def tradeoff_figure(complete: dict, base: dict, path: str) -> None:
+    """The arms of `along_rates` along their rates: task gain against gold-NLL change."""
+    from trl_recipes.plots import pyplot
+
+    from benchmarks.plots import tradeoff_plot
+
+    curves: dict = {}
+    for (arm, lr), runs in complete.items():
+        curves.setdefault(arm, {})[lr] = runs
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tradeoff_plot(pyplot(), curves, base, path, axes=("task gain: answer NLL decrease on the shipped test set →",
+                                                      "forgetting: held-out NQ gold NLL increase ↓"))
+
+
 def knowledge_records(data_dir: str, n: int) -> list[dict]:
     """EfficientQA dev questions absent from NQ-open.dev (the KPM recipe's calibration file), the first n."""
     nq = os.path.join(data_dir, "nq_open")
@@ -216,7 +230,11 @@ def report(args, arms, base, results, wall_minutes) -> None:
         parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
     complete = along_rates(arms, results)
     equal_gain = equal_gain_rows(complete, base)  # each KPM arm against LoRA at its task gain
-    parts += filter(None, [equal_gain_text(equal_gain, sum(m == "LoRA" for m, _ in complete))])
+    lora_rates = sum(m == "LoRA" for m, _ in complete)
+    parts += filter(None, [equal_gain_text(equal_gain, lora_rates)])
+    if lora_rates > 1:
+        tradeoff_figure(complete, base, args.out + "_tradeoff.png")
+        parts.append(f"Plot: [each arm along its rates]({os.path.basename(args.out)}_tradeoff.png).")
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,
                                                        "equal_gain": equal_gain,
                                                        "args": {k: v for k, v in vars(args).items() if k != "job"}})

@@ -156,9 +156,9 @@ def test_recipe_arms_rates_come_from_the_flag_or_the_recipe():
         arm_rate("lora/config_cpu.yaml", ["--learning_rate", "fast"])
 
 
-def test_recipe_lora_arms_are_one_curve_and_kpm_is_read_along_it():
+def test_recipe_lora_arms_are_one_curve_and_kpm_is_read_along_it(tmp_path):
     """LoRA arms (any name starting with LoRA) are the rates of one curve; KPM at 2e-4 is read between two of them."""
-    from benchmarks.recipe_forgetting import along_rates, equal_gain_text
+    from benchmarks.recipe_forgetting import along_rates, equal_gain_text, tradeoff_figure
 
     arms = {"LoRA": ("lora/config_cpu.yaml", []), "LoRA-2e-4": ("lora/config_cpu.yaml", ["--learning_rate", "2e-4"]),
             "CorDA-KPM": ("corda/config_kpm_cpu.yaml", [])}
@@ -170,6 +170,8 @@ def test_recipe_lora_arms_are_one_curve_and_kpm_is_read_along_it():
     text = equal_gain_text(rows, 2)
     assert "| CorDA-KPM at 0.0002 | 0.600 |" in text and "CorDA-KPM lies below LoRA's curve: **holds**" in text
     assert equal_gain_text(rows, 1) == ""  # one LoRA arm: no curve to read
+    tradeoff_figure(complete, BASE, str(tmp_path / "plots" / "r_tradeoff.png"))
+    assert (tmp_path / "plots" / "r_tradeoff.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="'LoRA' and 'LoRA-again' are both LoRA at learning rate 0.0005"):
         along_rates({**arms, "LoRA-again": ("lora/config_cpu.yaml", ["--max_steps", "9"])}, dict.fromkeys(
             [*arms, "LoRA-again"], []))
