@@ -87,8 +87,11 @@ def run_row(work_dir: str, run: str, base: dict, e: dict) -> list:
         ev = json.load(f)
     ratio = lambda k, t: f"{e[k] / e[t]:.3f}" if e[t] > 0 else "–"  # noqa: E731
     share = lambda k: f"{e[k] / e['task']:.3f}" if e["task"] > 0 else "–"  # noqa: E731
-    return [arm, f"{lr:g}" if lr is not None else "–", seed, f"{base['task_nll'] - ev['task_nll']:.3f}",
-            f"{ev['knowledge_nll'] - base['knowledge_nll']:+.3f}", f"{e['know']:.4g}", f"{e['task']:.4g}",
+    evaluated = "task_nll" in ev  # a sweep run has only its validation NLL
+    return [arm, f"{lr:g}" if lr is not None else "–", seed,
+            f"{base['task_nll'] - ev['task_nll']:.3f}" if evaluated else "–",
+            f"{ev['knowledge_nll'] - base['knowledge_nll']:+.3f}" if evaluated else "–",
+            f"{e['know']:.4g}", f"{e['task']:.4g}",
             ratio("know", "task"), ratio("know_B", "task_B"), share("task_B"), ratio("know_A", "task_A"),
             share("task_A"), f"{(e['dA2'] / e['A02']) ** 0.5:.3f}" if e["A02"] > 0 else "–"]
 
