@@ -41,9 +41,9 @@ from peft_ext.jsonl import read_jsonl
 
 from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
                                write_jsonl, write_report)
-from benchmarks.plots import save_gain_forget, tradeoff_plot
+from benchmarks.plots import rate_curves, save_gain_forget, tradeoff_plot
 from benchmarks.verdicts import (at_least_as_good_claim, curve_verdicts, derived, early_loss, equal_gain_rows,
-                                 verdicts)
+                                 equal_gain_table, lora_rates, verdicts)
 
 # the calibration files hold the records in the recipes' formats, so that every arm calibrates as its recipe does
 _KPM = ["--calibration_dataset", "{work}/kpm_calibration.jsonl"]  # question + answers, as NQ-open
@@ -678,15 +678,6 @@ def all_runs(sweep, results, matched_rate_runs, extra_runs) -> dict:
     return every
 
 
-def rate_curves(complete: dict) -> dict[str, dict[float, list]]:
-    """{arm: {lr: runs}} for every arm of `complete_runs` (an arm at one rate is a point beside the others' curves);
-    empty unless some arm ran more than one rate, so that the plot along the rates has a curve to show."""
-    curves: dict = {}
-    for (m, lr), runs in complete.items():
-        curves.setdefault(m, {})[lr] = runs
-    return curves if any(len(c) > 1 for c in curves.values()) else {}
-
-
 def tradeoff_text(complete, best_lr, base, seeds: int, half: int) -> str:
     """Every arm at every rate run on all seeds; then, where peft's arms ran, ours at each rate against theirs."""
     against = against_chosen_rows(complete, best_lr, base)
@@ -705,7 +696,7 @@ def equal_gain_text(complete, rows: list[list], seeds: int) -> str:
     """The `equal_gain_rows` of `complete`: each KPM arm at every rate run on all seeds against LoRA's forgetting at
     the same task gain, where LoRA ran two rates at least on all seeds (the reading fixed by the plan of ac63a54);
     else empty."""
-    if not rows or sum(m == "LoRA" for m, _ in complete) < 2:
+    if not rows or lora_rates(complete) < 2:
         return ""
     curves = curve_verdicts(rows)
     return ("## KPM against LoRA at equal task gain, along the rates\n\nThe verdicts above hold each arm at its own "
@@ -719,8 +710,7 @@ def equal_gain_text(complete, rows: list[list], seeds: int) -> str:
             "LoRA's when it forgets less at one rate at least and more at none. The rule was fixed in commit ac63a54, "
             "before the 60-step runs it was planned for (compare_kpm_lora_60.md); in another report it may be applied "
             "to runs made before it.\n\n"
-            + markdown_table(["KPM arm", "task gain", "NQ gold NLL change", "LoRA read", "LoRA's change there",
-                              "seeds paired", "paired difference ± s.e.", "KPM forgets less"], rows)
+            + equal_gain_table(rows, "NQ gold NLL change")
             + "\n\n" + "; ".join(f"{arm}'s curve lies below LoRA's: **{v}**" for arm, v in curves.items()) + ".")
 
 

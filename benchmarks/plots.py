@@ -9,6 +9,15 @@ from benchmarks.verdicts import gain_and_forgetting
 GSM8K_AXES = ("task gain: GSM8K test answer NLL decrease →", "forgetting: NQ-open gold NLL increase ↓")
 
 
+def rate_curves(complete: dict) -> dict[str, dict[float, list]]:
+    """{arm: {lr: runs}} for every arm of `complete_runs` (an arm at one rate is a point beside the others' curves);
+    empty unless some arm ran more than one rate, so that the plot along the rates has a curve to show."""
+    curves: dict = {}
+    for (m, lr), runs in complete.items():
+        curves.setdefault(m, {})[lr] = runs
+    return curves if any(len(c) > 1 for c in curves.values()) else {}
+
+
 def tradeoff_plot(plt, curves: dict, base: dict, path: str, axes=GSM8K_AXES) -> None:
     """Each arm ({arm: {lr: runs}}) as a curve through its (task gain, forgetting) means, by rate (a point where it
     ran one rate), each point labelled with its rate."""

@@ -32,7 +32,8 @@ from peft_ext.jsonl import read_jsonl
 
 from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
                                write_jsonl, write_report)
-from benchmarks.verdicts import curve_verdicts, equal_gain_rows, gain_and_forgetting, kpm_claim
+from benchmarks.verdicts import (curve_verdicts, equal_gain_rows, equal_gain_table, gain_and_forgetting,
+                                 kpm_claim, lora_rates)
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
 TEST_FILE = os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")
@@ -93,8 +94,7 @@ def equal_gain_text(rows: list[list], lora_arms: int) -> str:
             "LoRA gain, LoRA's largest-gain arm; below every one, not decided. The paired difference, KPM − LoRA "
             "there, decides by the 2-standard-error rule (compare_methods' equal-gain reading, fixed in commit "
             "ac63a54).\n\n"
-            + markdown_table(["KPM arm", "task gain", "gold NLL change", "LoRA read", "LoRA's change there",
-                              "seeds paired", "paired difference ± s.e.", "KPM forgets less"], rows)
+            + equal_gain_table(rows, "gold NLL change")
             + "\n\n" + "; ".join(f"{arm} lies below LoRA's curve: **{v}**" for arm, v in curve_verdicts(rows).items())
             + ".")
 
@@ -103,14 +103,12 @@ def tradeoff_figure(complete: dict, base: dict, path: str) -> None:
     """The arms of `along_rates` along their rates: task gain against gold-NLL change."""
     from trl_recipes.plots import pyplot
 
-    from benchmarks.plots import tradeoff_plot
+    from benchmarks.plots import rate_curves, tradeoff_plot
 
-    curves: dict = {}
-    for (arm, lr), runs in complete.items():
-        curves.setdefault(arm, {})[lr] = runs
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tradeoff_plot(pyplot(), curves, base, path, axes=("task gain: answer NLL decrease on the shipped test set →",
-                                                      "forgetting: held-out NQ gold NLL increase ↓"))
+    tradeoff_plot(pyplot(), rate_curves(complete), base, path,
+                  axes=("task gain: answer NLL decrease on the shipped test set →",
+                        "forgetting: held-out NQ gold NLL increase ↓"))
 
 
 def knowledge_records(data_dir: str, n: int) -> list[dict]:
@@ -230,9 +228,9 @@ def report(args, arms, base, results, wall_minutes) -> None:
         parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
     complete = along_rates(arms, results)
     equal_gain = equal_gain_rows(complete, base)  # each KPM arm against LoRA at its task gain
-    lora_rates = sum(m == "LoRA" for m, _ in complete)
-    parts += filter(None, [equal_gain_text(equal_gain, lora_rates)])
-    if lora_rates > 1:
+    n_lora = lora_rates(complete)
+    parts += filter(None, [equal_gain_text(equal_gain, n_lora)])
+    if n_lora > 1:
         tradeoff_figure(complete, base, args.out + "_tradeoff.png")
         parts.append(f"Plot: [each arm along its rates]({os.path.basename(args.out)}_tradeoff.png).")
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.common import fmt, mean_std, paired
+from benchmarks.common import fmt, markdown_table, mean_std, paired
 
 # arms of our CorDA and the peft arm each is held against, side by side
 PEFT_COUNTERPART = {"CorDA-KPM": "peft-CorDA-KPM", "CorDA-IPM": "peft-CorDA-IPM",
@@ -181,6 +181,17 @@ def equal_gain_rows(complete: dict, base: dict) -> list[list]:
             diff, n = paired(d["forget"], ref), min(len(ref), len(runs))
             rows.append([*row, f"{statistics.mean(ref[:n]):.3f}", str(n), _diff(diff), _sign_verdict(diff)])
     return rows
+
+
+def lora_rates(complete: dict) -> int:
+    """How many LoRA rates `complete` ({(arm, rate): runs}) holds: an equal-gain reading needs two."""
+    return sum(m == "LoRA" for m, _ in complete)
+
+
+def equal_gain_table(rows: list[list], knowledge: str) -> str:
+    """The `equal_gain_rows` as a markdown table (`knowledge`: the forgetting column's label)."""
+    return markdown_table(["KPM arm", "task gain", knowledge, "LoRA read", "LoRA's change there", "seeds paired",
+                           "paired difference ± s.e.", "KPM forgets less"], rows)
 
 
 def curve_verdicts(rows: list[list]) -> dict[str, str]:
