@@ -14,7 +14,9 @@ standard error over seeds, paired by seed (a seed fixes the order of the trainin
     python -m benchmarks.recipe_forgetting --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
 
 An arm is `NAME=RECIPE [sft flags]` (the recipe path relative to the SmolLM2 recipe folder); arms are separated by
-`;`. Runs go two at a time with one thread each; finished runs and evaluations in `--work_dir` are reused.
+`;`. Runs go two at a time with one thread each; finished runs and evaluations in `--work_dir` are reused, and so
+are the runs of an earlier report given with `--reuse REPORT.json` whose arm (recipe and flags, whatever its name) and
+seed match, with its base evaluation; the report names how many were reused and from where.
 """
 
 from __future__ import annotations
@@ -162,6 +164,23 @@ def job_worker(args) -> None:
     os.replace(result_file + ".tmp", result_file)
 
 
+def reused_results(path: str, arms: dict, args) -> dict:
+    """{job: result} from an earlier report's JSON: "base", and "ARM,SEED" for each arm here whose recipe and flags
+    equal one of that report's arms, at the seeds both cover. Refused when its knowledge set differs."""
+    with open(path) as f:
+        old = json.load(f)
+    mine = {k: old["args"].get(k) for k in ("knowledge_examples", "model")}
+    if mine != {"knowledge_examples": args.knowledge_examples, "model": args.model}:
+        sys.exit(f"error: --reuse {path}: its runs used {mine}; this invocation uses knowledge_examples="
+                 f"{args.knowledge_examples}, model={args.model}. Give the same, or leave --reuse out.")
+    spec_of = {tuple(map(tuple, [[recipe], flags])): name for name, (recipe, flags) in old["arms"].items()}
+    done = {"base": old["base"]}
+    for name, (recipe, flags) in arms.items():
+        runs = old["results"].get(spec_of.get(tuple(map(tuple, [[recipe], flags]))), [])
+        done.update({f"{name},{42 + i}": run for i, run in enumerate(runs[:args.seeds])})
+    return done
+
+
 def run_job(args, slots: Slots, name: str) -> dict:
     out = None
     if name != "base":
@@ -194,7 +213,17 @@ def claim(kpm: list[dict], lora: list[dict], base: dict, names=("KPM", "LoRA")) 
                      task="task NLL", knowledge="gold NLL")
 
 
-def report(args, arms, base, results, wall_minutes) -> None:
+def reuse_text(args, reused: list[str]) -> str:
+    """The report's line on the runs taken from `--reuse`'s report, empty when none were."""
+    if not reused:
+        return ""
+    runs = [j for j in reused if j != "base"]
+    return (f"Reused from {os.path.relpath(args.reuse, ROOT)} (same recipe, flags and seed, evaluated on the same "
+            f"questions){' with its base evaluation' if 'base' in reused else ''}: {len(runs)} runs, "
+            + ", ".join(runs) + ". Every other run trained and was evaluated in this invocation.")
+
+
+def report(args, arms, base, results, wall_minutes, reused=()) -> None:
     rows = []
     for name, runs in results.items():
         get = lambda k: mean_std([r[k] for r in runs])  # noqa: E731
@@ -210,13 +239,15 @@ def report(args, arms, base, results, wall_minutes) -> None:
         "# Forgetting with the shipped CPU recipes (SmolLM2-135M-Instruct, 60 steps on the shipped arithmetic data)",
         f"Command: `python -m benchmarks.recipe_forgetting --arms \"{args.arms}\" --seeds {args.seeds} "
         f"--knowledge_examples {args.knowledge_examples} --workers {args.workers}"
-        + (f" --model {args.model}" if args.model else "") + f"`  \nMachine: {machine()}; "
+        + (f" --model {args.model}" if args.model else "")
+        + (f" --reuse {os.path.relpath(args.reuse, ROOT)}" if args.reuse else "") + f"`  \nMachine: {machine()}; "
         f"{args.workers} runs at a time  \nDate: {stamp()}; wall time of this invocation {wall_minutes:.0f} min",
         f"Each arm is a shipped recipe run unchanged but for `--seed` (seeds {seeds}). Task: answer NLL over the 60 "
         f"problems of trl_recipes/data/test.jsonl, and the recipe's exact match on its first 20. Knowledge: NQ-open "
         f"gold-answer NLL on {args.knowledge_examples} EfficientQA-dev questions that are not in NQ-open.dev (the KPM "
         f"recipe's calibration file). Base model: task NLL {base['task_nll']:.3f}, knowledge gold NLL "
         f"{base['knowledge_nll']:.3f}.",
+        *filter(None, [reuse_text(args, list(reused))]),
         "## Results (mean ± std over seeds)\n\n" + markdown_table(
             ["arm", "recipe", "task answer NLL ↓", "exact match (20) ↑", "knowledge gold NLL change ↓ (forgetting)",
              "final train loss", "s/step (median)"], rows),
@@ -248,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model", default=None, help="base model (default: the packaged SmolLM2-135M-Instruct)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_forgetting"))
+    ap.add_argument("--reuse", default=None, help="an earlier report's JSON whose matching runs are not run again")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     return ap
 
@@ -261,13 +293,15 @@ def main() -> None:
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
     write_jsonl(os.path.join(args.work_dir, "knowledge.jsonl"), knowledge_records(args.data_dir, args.knowledge_examples))
     slots, t0 = Slots(args.workers), time.time()
-    jobs = ["base", *[f"{a},{42 + i}" for i in range(args.seeds) for a in arms]]
+    reused = reused_results(args.reuse, arms, args) if args.reuse else {}
+    jobs = [j for j in ["base", *[f"{a},{42 + i}" for i in range(args.seeds) for a in arms]] if j not in reused]
     try:
-        done = dict(zip(jobs, parallel(lambda j: run_job(args, slots, j), jobs)))
+        done = {**reused, **dict(zip(jobs, parallel(lambda j: run_job(args, slots, j), jobs)))}
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
+
     results = {a: [done[f"{a},{42 + i}"] for i in range(args.seeds)] for a in arms}
-    report(args, arms, done["base"], results, (time.time() - t0) / 60)
+    report(args, arms, done["base"], results, (time.time() - t0) / 60, sorted(reused))
 
 
 if __name__ == "__main__":

@@ -205,6 +205,31 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0 and all(os.path.getmtime(p) == t for p, t in mtimes.items())
+    again = [*cmd[:cmd.index("--work_dir")], "--work_dir", str(tmp_path / "fresh"), "--out", str(tmp_path / "again"),
+             "--reuse", f"{out}.json"]  # a new work folder: every run comes from the report, none trains
+    proc = subprocess.run(again, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list((tmp_path / "fresh").glob("runs/*")) and "4 runs" in open(tmp_path / "again.md").read()
+    assert json.load(open(tmp_path / "again.json"))["results"] == data["results"]
+
+
+def test_reused_results_match_arms_by_recipe_and_flags_not_name(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks.recipe_forgetting import reused_results
+
+    KPM = "corda/config_kpm_cpu.yaml"
+    old = {"base": {"task_nll": 1.0}, "args": {"knowledge_examples": 200, "model": None},
+           "arms": {"LoRA": ["lora/config_cpu.yaml", []], "K": [KPM, ["--learning_rate", "1e-4"]]},
+           "results": {"LoRA": [{"s": 0}, {"s": 1}], "K": [{"k": 0}, {"k": 1}]}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    arms = {"LoRA-5e-4": ("lora/config_cpu.yaml", []), "KPM-1e-4": (KPM, ["--learning_rate", "1e-4"]), "KPM": (KPM, [])}
+    done = reused_results(str(path), arms, SimpleNamespace(knowledge_examples=200, model=None, seeds=3))
+    assert done == {"base": {"task_nll": 1.0}, "LoRA-5e-4,42": {"s": 0}, "LoRA-5e-4,43": {"s": 1},
+                    "KPM-1e-4,42": {"k": 0}, "KPM-1e-4,43": {"k": 1}}  # KPM's flags differ: it runs; seed 44 runs
+    with pytest.raises(SystemExit, match="knowledge_examples=100"):
+        reused_results(str(path), arms, SimpleNamespace(knowledge_examples=100, model=None, seeds=3))
 
 
 def test_setup_text_lists_only_the_grids_that_differ_from_lrs():
