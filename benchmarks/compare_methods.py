@@ -50,6 +50,7 @@ _KPM = ["--calibration_dataset", "{work}/kpm_calibration.jsonl"]  # question + a
 _IPM = ["--calibration_dataset", "{work}/ipm_calibration.jsonl"]  # question + answer: whole training conversations
 _UNBALANCED, _PEFT = ["--corda_balance_factors", "false"], ["--corda_implementation", "peft"]
 _MAXNORM = ["--calibration_sample_normalization", "max"]
+_TRAIN_A = ["--train_lora_A", "true"]
 METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibrates on the same texts
     "LoRA": ("lora/config_cpu.yaml", []),
     "PiSSA": ("pissa/config_cpu.yaml", []),
@@ -57,9 +58,11 @@ METHODS = {  # name -> (recipe, extra flags); every CorDA arm of one mode calibr
     "DuDe": ("dude/config_cpu.yaml", []),
     # the .safetensors names predate block-by-block calibration: an old work dir holds whole-model cache files there
     # (read as they are); a new one gets a folder of per-block files under the same name
-    "CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, "--calibration_cache", "{work}/kpm_covariance.safetensors"]),
+    # KPM with A trained, as every KPM arm ran before corda_train_A existed (KPM's default is now A frozen)
+    "CorDA-KPM": ("corda/config_kpm_cpu.yaml", [*_KPM, *_TRAIN_A, "--calibration_cache",
+                                                "{work}/kpm_covariance.safetensors"]),
     "CorDA-IPM": ("corda/config_ipm_cpu.yaml", [*_IPM, "--calibration_cache", "{work}/ipm_covariance.safetensors"]),
-    "CorDA-KPM-unbalanced": ("corda/config_kpm_cpu.yaml", [*_KPM, *_UNBALANCED, "--calibration_cache",
+    "CorDA-KPM-unbalanced": ("corda/config_kpm_cpu.yaml", [*_KPM, *_UNBALANCED, *_TRAIN_A, "--calibration_cache",
                                                            "{work}/kpm_covariance.safetensors"]),
     "CorDA-IPM-unbalanced": ("corda/config_ipm_cpu.yaml", [*_IPM, *_UNBALANCED, "--calibration_cache",
                                                            "{work}/ipm_covariance.safetensors"]),

@@ -22,6 +22,7 @@ seed match, with its base evaluation; the report names how many were reused and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -164,9 +165,16 @@ def job_worker(args) -> None:
     os.replace(result_file + ".tmp", result_file)
 
 
+def recipe_digest(recipe: str) -> str:
+    """The recipe file's contents, as a short sha256: a report records it, and `--reuse` matches on it."""
+    with open(os.path.join(SMOL, recipe), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def reused_results(path: str, arms: dict, args) -> dict:
     """{job: result} from an earlier report's JSON: "base", and "ARM,SEED" for each arm here whose recipe and flags
-    equal one of that report's arms, at the seeds both cover. Refused when its knowledge set differs."""
+    equal one of that report's arms, at the seeds both cover, and whose recipe file has the contents that report
+    recorded (reports from before `recipe_digest` recorded none). Refused when its knowledge set differs."""
     with open(path) as f:
         old = json.load(f)
     mine = {k: old["args"].get(k) for k in ("knowledge_examples", "model")}
@@ -174,9 +182,13 @@ def reused_results(path: str, arms: dict, args) -> dict:
         sys.exit(f"error: --reuse {path}: its runs used {mine}; this invocation uses knowledge_examples="
                  f"{args.knowledge_examples}, model={args.model}. Give the same, or leave --reuse out.")
     spec_of = {tuple(map(tuple, [[recipe], flags])): name for name, (recipe, flags) in old["arms"].items()}
+    digests = old.get("recipes", {})
     done = {"base": old["base"]}
     for name, (recipe, flags) in arms.items():
-        runs = old["results"].get(spec_of.get(tuple(map(tuple, [[recipe], flags]))), [])
+        was = spec_of.get(tuple(map(tuple, [[recipe], flags])))
+        if was in digests and digests[was] != recipe_digest(recipe):
+            continue  # the recipe changed since: run again
+        runs = old["results"].get(was, [])
         done.update({f"{name},{42 + i}": run for i, run in enumerate(runs[:args.seeds])})
     return done
 
@@ -218,8 +230,11 @@ def reuse_text(args, reused: list[str]) -> str:
     if not reused:
         return ""
     runs = [j for j in reused if j != "base"]
+    with open(args.reuse) as f:
+        recorded = "recipes" in json.load(f)
     return (f"Reused from {os.path.relpath(args.reuse, ROOT)} (same recipe, flags and seed, evaluated on the same "
-            f"questions){' with its base evaluation' if 'base' in reused else ''}: {len(runs)} runs, "
+            f"questions; {'the same recipe contents' if recorded else 'that report recorded no recipe contents'})"
+            f"{' with its base evaluation' if 'base' in reused else ''}: {len(runs)} runs, "
             + ", ".join(runs) + ". Every other run trained and was evaluated in this invocation.")
 
 
@@ -265,6 +280,7 @@ def report(args, arms, base, results, wall_minutes, reused=()) -> None:
         tradeoff_figure(complete, base, args.out + "_tradeoff.png")
         parts.append(f"Plot: [each arm along its rates]({os.path.basename(args.out)}_tradeoff.png).")
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,
+                                                       "recipes": {a: recipe_digest(r) for a, (r, _) in arms.items()},
                                                        "equal_gain": equal_gain,
                                                        "args": {k: v for k, v in vars(args).items() if k != "job"}})
 

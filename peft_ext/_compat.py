@@ -12,6 +12,9 @@ peft (``SUPPORTED_PEFT``):
   * ``DoraLinearLayer`` (``peft.tuners.lora.dora``): ``forward(x, *, lora_A, lora_B, scaling, base_layer,
     base_result, adapter_name)``, ``get_weight_norm(weight, lora_weight, scaling, adapter_name)``;
     ``DoraLinearVariant`` (``peft.tuners.lora.variants``): ``init``/``forward``/``merge_*``/``unmerge`` statics;
+  * ``register_frozen_peft_weight`` (``peft.tuners.lora.variants._register_frozen_peft_weight``, what MiCA uses to
+    keep ``lora_B`` frozen): adds a weight to the layer's ``frozen_peft_weight_names``, which peft's ``set_adapter``,
+    ``set_requires_grad`` and ``_mark_only_adapters_as_trainable`` keep at ``requires_grad=False``;
   * ``BufferDict`` (``peft.tuners._buffer_dict``): persistent buffers that peft saves with the adapter;
   * ``LoraConfig._register_custom_module`` (a method, used in ``config.py``): peft's custom-module dispatch;
   * ``maybe_include_all_linear_layers``, ``check_target_module_exists``, ``BaseTunerLayer``: target resolution;
@@ -43,6 +46,7 @@ from peft.tuners.lora.layer import LoraLayer  # noqa: E402
 from peft.tuners.lora.layer import Linear as LoraLinear  # noqa: E402
 from peft.tuners.lora.model import LoraModel  # noqa: E402
 from peft.tuners.lora.variants import DoraLinearVariant  # noqa: E402
+from peft.tuners.lora.variants import _register_frozen_peft_weight as register_frozen_peft_weight  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from peft.tuners.tuners_utils import _maybe_include_all_linear_layers as maybe_include_all_linear_layers  # noqa: E402
 from peft.utils.integrations import (  # noqa: E402
@@ -81,5 +85,6 @@ __all__ = [
     "BaseTunerLayer", "BufferDict", "Conv1D", "DoraLinearLayer", "DoraLinearVariant", "LoraLayer", "LoraLinear",
     "LoraLinear4bit", "LoraLinear8bitLt", "PeftCordaConfig", "SUPPORTED_PEFT", "bnb", "check_target_module_exists",
     "dequantize_bnb_weight", "dequantize_module_weight", "gather_params_ctx", "get_bnb_param_type", "get_pattern_key",
-    "is_deepspeed_zero3_enabled", "maybe_include_all_linear_layers", "preprocess_corda", "transpose",
+    "is_deepspeed_zero3_enabled", "maybe_include_all_linear_layers", "preprocess_corda", "register_frozen_peft_weight",
+    "transpose",
 ]

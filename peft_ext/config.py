@@ -236,6 +236,11 @@ class PeftExtConfig(LoraConfig):
         base weight is `weight` (out, in, float32). The residual becomes W − scaling·B0·A0."""
         raise TypeError(f"{type(self).__name__} does not define an initialisation; use DuDeConfig or CorDAConfig.")
 
+    def frozen_adapter_weights(self) -> tuple[str, ...]:
+        """The adapter weights (peft's names, e.g. "lora_A") that stay at their init: peft keeps them frozen through
+        set_adapter, set_requires_grad and loading with is_trainable=True. None by default."""
+        return ()
+
     def init_factors_ready(self, name: str) -> bool:
         """Whether layer `name`'s init factors are already computed (then no sharded decomposition is needed)."""
         return False
@@ -276,5 +281,6 @@ def load_config(path: str) -> PeftExtConfig:
     data.pop("runtime_config", None)
     if data.get("peft_ext_method") == "corda":
         data.setdefault("corda_balance_factors", False)  # saved before the option existed: unbalanced factors
+        data.setdefault("corda_train_A", True)  # saved before the option existed: A trained
     config_class_for(data.get("peft_ext_method"), where=f"'{config_file}'")
     return PeftExtConfig.from_peft_type(**data)

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ._compat import BufferDict, Conv1D, LoraLinear, gather_params_ctx
+from ._compat import BufferDict, Conv1D, LoraLinear, gather_params_ctx, register_frozen_peft_weight
 from .base_weight import (decomposable_weight, rebase_residual_, same_weight, weight_fingerprint,
                           write_residual_)
 from .distributed import broadcast_, dist_info
@@ -89,6 +89,8 @@ class ResidualInitMixin:
             state = self._prepare(r, lora_alpha, config, kwargs.get("target_name") or "<unnamed>")
             self._peft_ext_state[adapter_name] = state
             super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+            for weight_name in config.frozen_adapter_weights():
+                register_frozen_peft_weight(self, adapter_name, weight_name)
             state.creating = False
             self.lora_init_A[adapter_name] = state.lora_A
             self.lora_init_B[adapter_name] = state.lora_B

@@ -216,7 +216,7 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 def test_reused_results_match_arms_by_recipe_and_flags_not_name(tmp_path):
     from types import SimpleNamespace
 
-    from benchmarks.recipe_forgetting import reused_results
+    from benchmarks.recipe_forgetting import recipe_digest, reused_results
 
     KPM = "corda/config_kpm_cpu.yaml"
     old = {"base": {"task_nll": 1.0}, "args": {"knowledge_examples": 200, "model": None},
@@ -228,6 +228,10 @@ def test_reused_results_match_arms_by_recipe_and_flags_not_name(tmp_path):
     done = reused_results(str(path), arms, SimpleNamespace(knowledge_examples=200, model=None, seeds=3))
     assert done == {"base": {"task_nll": 1.0}, "LoRA-5e-4,42": {"s": 0}, "LoRA-5e-4,43": {"s": 1},
                     "KPM-1e-4,42": {"k": 0}, "KPM-1e-4,43": {"k": 1}}  # KPM's flags differ: it runs; seed 44 runs
+    old["recipes"] = {"LoRA": "0" * 16, "K": recipe_digest(KPM)}  # LoRA's recipe changed since that report
+    path.write_text(json.dumps(old))
+    assert set(reused_results(str(path), arms, SimpleNamespace(knowledge_examples=200, model=None, seeds=3))) == {
+        "base", "KPM-1e-4,42", "KPM-1e-4,43"}
     with pytest.raises(SystemExit, match="knowledge_examples=100"):
         reused_results(str(path), arms, SimpleNamespace(knowledge_examples=100, model=None, seeds=3))
 

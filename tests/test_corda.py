@@ -478,6 +478,51 @@ def test_dora_export_and_reload(tmp_path):
     assert rel_err(run_plain_peft("mistral", out, x, tmp_path), trained) <= 1e-4
 
 
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kpm_keeps_its_A_factors_frozen_through_peft_training_and_reload(arch, tmp_path):
+    """KPM's default corda_train_A=False: only B trains, and A stays frozen through peft's set_adapter and
+    set_requires_grad, an optimizer step, save, and load_adapter(is_trainable=True)."""
+    x = sample_input()
+    model, config = calibrated(arch, "kpm")
+    peft_model = get_peft_model(model, config)
+    assert config.corda_train_A is False
+    only_B = trainable_names(peft_model)
+    assert only_B and all(".lora_B." in n for n in only_B)
+    peft_model.set_adapter("default")
+    peft_model.set_requires_grad("default", True)
+    assert trainable_names(peft_model) == only_B
+    peft_model.train()
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1.0)
+    peft_model(input_ids=x).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    for layer in peft_ext_layers(peft_model).values():
+        assert torch.equal(layer.lora_A["default"].weight, layer.lora_init_A["default"])
+        assert not torch.equal(layer.lora_B["default"].weight, layer.lora_init_B["default"])
+    trained = logits(peft_model, x)
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["corda_train_A"] is False
+    reloaded = load_adapter(make_tiny(arch), str(tmp_path), is_trainable=True)
+    assert trainable_names(reloaded) == only_B
+    assert rel_err(logits(reloaded, x), trained) <= 1e-5
+
+
+@pytest.mark.parametrize("method, train_A", [("ipm", None), ("kpm", True)])
+def test_ipm_and_kpm_asked_to_train_A_train_both_factors(method, train_A):
+    model, config = calibrated("llama", method, corda_train_A=train_A)
+    names = trainable_names(get_peft_model(model, config))
+    assert config.corda_train_A is True
+    assert {".lora_A." in n for n in names} == {True, False}
+
+
+def test_corda_train_A_must_be_a_bool_or_none():
+    with pytest.raises(ValueError, match="corda_train_A='no'. Fix: True, False, or None"):
+        corda(corda_method="kpm", corda_train_A="no")
+
+
 def test_saved_config_keeps_corda_fields(tmp_path):
     model, config = calibrated("llama", "kpm", corda_damping=0.05)
     get_peft_model(model, config).save_pretrained(tmp_path)
@@ -491,6 +536,10 @@ def test_saved_config_keeps_corda_fields(tmp_path):
     del saved["corda_balance_factors"]
     (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     assert load_config(str(tmp_path)).corda_balance_factors is False
+    # an adapter saved before corda_train_A existed trained its A factors, and does again when loaded
+    assert saved.pop("corda_train_A") is False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    assert load_config(str(tmp_path)).corda_train_A is True
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------

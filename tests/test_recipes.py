@@ -38,29 +38,62 @@ def test_cli_two_steps_per_method(method, recipe, extra, tiny_model_dir, tmp_pat
     assert all(n["layers"] == 2 and n["A"] > 0 for n in norms.values())
     assert all((n["B"] == 0) == (method in ("lora", "dora")) for n in norms.values())  # LoRA's B starts at zero
     assert "before:" in proc.stdout and "after:" in proc.stdout
+    if method == "corda" and "peft" not in extra:  # CorDAConfig's default, saved: KPM keeps A frozen, IPM trains it
+        saved = json.load(open(out / "adapter" / "adapter_config.json"))
+        assert saved["corda_train_A"] is ("kpm" not in extra)
     assert_adapter_and_export_agree(tiny_model_dir, out)
 
 
-def test_train_lora_A_false_trains_only_B(tiny_model_dir, tmp_path):
-    """--train_lora_A false (KPM): every A factor is saved as it was initialised, every B factor moved."""
+_KPM_TEST_CALIBRATION = ["--calibration_samples", "16", "--calibration_text_field", "prompt,completion",
+                         "--calibration_dataset", os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")]
+
+
+@pytest.mark.parametrize("method,recipe,extra", [
+    ("corda", "corda/config_kpm_cpu.yaml", [*_KPM_TEST_CALIBRATION, "--train_lora_A", "false"]),  # CorDA's field
+    ("dude", "dude/config_cpu.yaml", ["--train_lora_A", "false"]),  # the recipe's freeze, after TRL's set-up
+], ids=["corda-kpm", "dude"])
+def test_train_lora_A_false_trains_only_B(method, recipe, extra, tiny_model_dir, tmp_path):
+    """--train_lora_A false: every A factor is saved as it was initialised, every B factor moved, and only B (and
+    DuDe's magnitude) trained."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    proc = run_cli("--config", os.path.join(SMOL, "corda/config_kpm_cpu.yaml"), "--model_name_or_path",
-                   tiny_model_dir, "--output_dir", str(out), *FAST, "--calibration_samples", "16",
-                   "--calibration_text_field", "prompt,completion", "--calibration_dataset",
-                   os.path.join(ROOT, "trl_recipes", "data", "test.jsonl"), "--train_lora_A", "false")
+    proc = run_cli("--config", os.path.join(SMOL, recipe), "--model_name_or_path", tiny_model_dir,
+                   "--output_dir", str(out), *FAST, *extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = check_finished_run(out, "corda")
+    metrics = check_finished_run(out, method)
     saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     a_keys = [k for k in saved if k.endswith("lora_A.weight")]
-    assert len(a_keys) == 14 and metrics["trainable_parameters"] == sum(
+    magnitudes = sum(v.numel() for k, v in saved.items() if "lora_magnitude_vector" in k)
+    assert len(a_keys) == 14 and metrics["trainable_parameters"] == magnitudes + sum(
         saved[k.replace("lora_A", "lora_B")].numel() for k in a_keys)
     for key in a_keys:
         prefix = key[: -len("lora_A.weight")]
         assert torch.equal(saved[key], saved[prefix + "lora_init_A"]), key
         assert not torch.equal(saved[prefix + "lora_B.weight"], saved[prefix + "lora_init_B"]), key
     assert_adapter_and_export_agree(tiny_model_dir, out)
+
+
+def test_trl_16bit_cast_takes_a_frozen_A_along():
+    """TRL casts a quantized model's trainable parameters to bf16; a frozen A (CorDA-KPM's) follows them, so each
+    adapter computes in one dtype."""
+    from peft import get_peft_model
+
+    from peft_ext import calibrate
+    from trl_recipes.sft import settle_quantized_adapter_dtypes
+
+    from .helpers import corda, make_tiny, token_batches
+
+    model, config = make_tiny("llama"), corda(corda_method="kpm")
+    calibrate(model, config, token_batches(), verbose=False)
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():  # TRL's cast
+        if param.requires_grad and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=True, zero3=False)
+    factors = {p.dtype for n, p in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert factors == {torch.bfloat16} and not any(p.requires_grad for n, p in peft_model.named_parameters()
+                                                   if ".lora_A." in n)
 
 
 def test_default_run_on_smollm2_few_steps(tmp_path):

@@ -87,11 +87,13 @@ class PeftMethodArguments:
             )
         },
     )
-    train_lora_A: bool = field(
-        default=True,
-        metadata={"help": "false: the A factors (the input side of every adapter) stay at their init and only B (and "
-                          "DoRA/DuDe's magnitude) trains, as LoRA-FA. With CorDA-KPM, A then keeps reading only the "
-                          "input directions its calibration data excites least."},
+    train_lora_A: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Whether the A factors (the input side of every adapter) train. Unset: the method's default "
+                          "(peft_ext's CorDA: false for KPM, true for IPM, its corda_train_A; every other method: "
+                          "true). false: A stays at its init and only B (and DoRA/DuDe's magnitude) trains, as "
+                          "LoRA-FA; with CorDA-KPM, A then keeps reading only the input directions its calibration "
+                          "data excites least."},
     )
     eval_examples: int = field(
         default=3, metadata={"help": "Held-out examples answered before and after training (0: skip)."}
@@ -154,4 +156,5 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
     return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
                        corda_balance_factors=method_args.corda_balance_factors,
                        svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,
-                       svd_seed=method_args.svd_seed, float_weights_path=float_weights_path)
+                       svd_seed=method_args.svd_seed, float_weights_path=float_weights_path,
+                       corda_train_A=method_args.train_lora_A)

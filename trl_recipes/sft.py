@@ -123,7 +123,8 @@ def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> No
     step 0 no longer equals the base:
     the factors are put back in fp32 from the exact initial ones peft_ext keeps (`lora_init_A/B`), other adapters are
     cast back. In a 16-bit run under ZeRO-3, which refuses trainable parameters of mixed dtypes, the DoRA magnitude
-    follows the factors' dtype (as it does without quantization, see `peft_ext.variants.magnitude_dtype`).
+    follows the factors' dtype (as it does without quantization, see `peft_ext.variants.magnitude_dtype`), and so
+    does a frozen A (CorDA-KPM's), which TRL's cast of the trainable parameters skipped.
     """
     import torch
 
@@ -132,10 +133,13 @@ def settle_quantized_adapter_dtypes(model, sixteen_bit: bool, zero3: bool) -> No
     if sixteen_bit:
         dtypes = {p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_magnitude" not in n}
         if len(dtypes) == 1:
-            target = magnitude_dtype(next(iter(dtypes)), zero3=zero3)
+            factors = next(iter(dtypes))
+            target = magnitude_dtype(factors, zero3=zero3)
             for name, param in model.named_parameters():
                 if "lora_magnitude_vector" in name:
                     param.data = param.data.to(target)
+                elif ".lora_A." in name and not param.requires_grad:  # a frozen A (CorDA-KPM): TRL cast only B
+                    param.data = param.data.to(factors)
         return
     for module in model.modules():
         init_A, init_B = getattr(module, "lora_init_A", {}), getattr(module, "lora_init_B", {})
@@ -330,7 +334,7 @@ def build_trainer(model, tokenizer, train, peft_config, training_args, method_ar
     adapter is saved for the conversion to a plain adapter at the end."""
     from trl import SFTTrainer
 
-    from peft_ext import PeftExtConfig, expect_targets
+    from peft_ext import CorDAConfig, PeftExtConfig, expect_targets
     from peft_ext._compat import is_deepspeed_zero3_enabled
 
     if isinstance(peft_config, PeftExtConfig) and main_process:
@@ -340,8 +344,8 @@ def build_trainer(model, tokenizer, train, peft_config, training_args, method_ar
     if quantized:
         settle_quantized_adapter_dtypes(trainer.model, sixteen_bit=training_args.bf16 or training_args.fp16,
                                         zero3=is_deepspeed_zero3_enabled())
-    if not method_args.train_lora_A:  # after the dtype fix-up; before train() builds the optimizer and DeepSpeed
-        for name, param in trainer.model.named_parameters():
+    if method_args.train_lora_A is False and not isinstance(peft_config, CorDAConfig):  # CorDA's config freezes A
+        for name, param in trainer.model.named_parameters():  # before train() builds the optimizer and DeepSpeed
             if ".lora_A." in name:
                 param.requires_grad_(False)
     if converts_at_save(method_args) and main_process:

@@ -58,6 +58,19 @@ class CorDAConfig(PeftExtConfig):
             )
         },
     )
+    corda_train_A: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Whether the A factors (each adapter's input side) train. None: the method's default, fixed when the "
+                "config is built and saved with it: False for KPM, True for IPM. False: A stays at its init and only "
+                "B (and a DoRA magnitude) trains, so a KPM update reads only the input directions its calibration "
+                "data excites least; trained, A's move carries most of the update's output energy on the knowledge "
+                "data (README, 'KPM with its A factors frozen'). peft keeps A frozen through set_adapter, "
+                "set_requires_grad and loading with is_trainable=True. An export to plain peft trains A again."
+            )
+        },
+    )
     corda_calibration: Optional[dict] = field(
         default=None,
         metadata={"help": "Set by peft_ext.calibrate: tokens, samples and fingerprints of the calibration (a record)."},
@@ -69,6 +82,11 @@ class CorDAConfig(PeftExtConfig):
         super().__post_init__()
         if self.corda_method not in ("kpm", "ipm"):
             raise ValueError(f"CorDAConfig: corda_method={self.corda_method!r}. Fix: 'kpm' or 'ipm'.")
+        if self.corda_train_A is None:
+            self.corda_train_A = self.corda_method != "kpm"
+        if not isinstance(self.corda_train_A, bool):
+            raise ValueError(f"CorDAConfig: corda_train_A={self.corda_train_A!r}. Fix: True, False, or None (the "
+                             f"method's default: False for KPM, True for IPM).")
         if not self.corda_damping > 0:
             raise ValueError(f"CorDAConfig: corda_damping={self.corda_damping!r}. Fix: a positive number, e.g. 0.01.")
         if self.corda_method == "kpm" and self.svd_niter is not None:
@@ -97,6 +115,9 @@ class CorDAConfig(PeftExtConfig):
             return self._checked_ready_factors(name, ready, r, scaling, calib.settings)
         return decompose_member(group, weight, r=r, scaling=scaling, settings=self.decomposition_settings(),
                                 name=name)
+
+    def frozen_adapter_weights(self) -> tuple[str, ...]:
+        return () if self.corda_train_A else ("lora_A",)
 
     def decomposition_settings(self) -> dict:
         """The fields the decomposition depends on (besides each layer's r and scaling)."""
