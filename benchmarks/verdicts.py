@@ -14,7 +14,7 @@ from benchmarks.common import fmt, markdown_table, mean_std, paired
 # arms of our CorDA and the peft arm each is held against, side by side
 PEFT_COUNTERPART = {"CorDA-KPM": "peft-CorDA-KPM", "CorDA-IPM": "peft-CorDA-IPM",
                     "CorDA-KPM-unbalanced": "peft-CorDA-KPM", "CorDA-IPM-unbalanced": "peft-CorDA-IPM",
-                    "CorDA-IPM-maxnorm": "peft-CorDA-IPM"}
+                    "CorDA-IPM-maxnorm": "peft-CorDA-IPM", "CorDA-KPM-frozenA": "peft-CorDA-KPM"}
 
 
 def early_loss(run, fraction=0.5):
