@@ -4,7 +4,7 @@ from .config import PeftExtConfig, __version__, load_config
 from .corda import Calibration, CorDAConfig, calibrate
 from .dude import DuDeConfig
 from .export import export_peft_adapter
-from .loading import load_adapter
+from .loading import complete_saved_adapter, load_adapter
 from .targets import expect_targets
 
 
@@ -15,6 +15,7 @@ __all__ = [
     "PeftExtConfig",
     "__version__",
     "calibrate",
+    "complete_saved_adapter",
     "expect_targets",
     "export_peft_adapter",
     "load_adapter",

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .config import PeftExtConfig, load_config
 from .layer import ResidualInitMixin
-from .loading import INIT_SUFFIXES
+from .loading import INIT_SUFFIXES, with_frozen_factors
 
 
 def _plain_config(config: PeftExtConfig) -> LoraConfig:
@@ -94,7 +94,7 @@ def export_peft_adapter(model_or_dir, output_dir: str, adapter_name: str = "defa
     _check_destination(output_dir, overwrite)
     if isinstance(model_or_dir, (str, os.PathLike)):
         config = load_config(os.fspath(model_or_dir))
-        state = load_peft_weights(os.fspath(model_or_dir), device="cpu")
+        state = with_frozen_factors(config, load_peft_weights(os.fspath(model_or_dir), device="cpu"))
     else:
         config = model_or_dir.peft_config.get(adapter_name)
         if not isinstance(config, PeftExtConfig):

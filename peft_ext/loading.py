@@ -8,17 +8,54 @@ calibration data).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from peft import PeftModel
 from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
 
 from .config import load_config
 
 
 _BASE_PREFIX = "base_model.model."
 INIT_SUFFIXES = (".lora_init_A", ".lora_init_B", ".lora_init_fingerprint")  # A0, B0, the base weight's fingerprint
+
+
+def with_frozen_factors(config, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved state dict with every frozen factor put back that its saver left out. Hugging Face's Trainer under
+    DeepSpeed ZeRO-3 saves only the trainable parameters of a peft model, so a frozen A (`corda_train_A=False`) is
+    missing from its files. A frozen A never leaves its init: it is the saved `lora_init_A`, in the dtype that
+    layer's B was saved in (the dtype the factors trained in)."""
+    if "lora_A" not in config.frozen_adapter_weights():
+        return weights
+    out = dict(weights)
+    for key, init in weights.items():
+        if key.endswith(".lora_init_A"):
+            prefix = key[: -len(".lora_init_A")]
+            B = weights.get(prefix + ".lora_B.weight")
+            out.setdefault(prefix + ".lora_A.weight", init.to(init.dtype if B is None else B.dtype, copy=True))
+    return out
+
+
+def complete_saved_adapter(path: str) -> list[str]:
+    """Write back into the adapter directory `path` the frozen factors its saver left out (see
+    `with_frozen_factors`), so that its files hold the whole adapter; the names added, none when it was complete.
+    trl_recipes calls it after every save; call it after saving a frozen-A CorDA adapter with your own Trainer under
+    ZeRO-3. `export_peft_adapter` reads an incomplete directory correctly, and `load_adapter` too (A is rebuilt from
+    the saved init factors), though peft then warns of the missing keys."""
+    config, file = load_config(path), os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"peft_ext.complete_saved_adapter: no adapter_model.safetensors in '{path}'. Fix: "
+                                f"pass the directory save_pretrained wrote (with safe_serialization).")
+    weights = load_file(file)
+    full = with_frozen_factors(config, weights)
+    added = sorted(set(full) - set(weights))
+    if added:
+        save_file({k: v.contiguous() for k, v in full.items()}, file + ".tmp", metadata={"format": "pt"})
+        os.replace(file + ".tmp", file)
+    return added
 
 
 def _stored_init_factors(weights: dict[str, torch.Tensor], path: str) -> dict[str, tuple]:

@@ -510,6 +510,33 @@ def test_kpm_keeps_its_A_factors_frozen_through_peft_training_and_reload(arch, t
     assert rel_err(logits(reloaded, x), trained) <= 1e-5
 
 
+def test_a_frozen_A_left_out_of_the_saved_files_is_put_back(tmp_path):
+    """HF's Trainer under ZeRO-3 saves only trainable parameters: a KPM adapter without its lora_A tensors is completed
+    from lora_init_A (in B's dtype), exports as the complete one does, and a complete directory is left alone."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_ext import complete_saved_adapter
+
+    model, config = calibrated("qwen2", "kpm")
+    peft_model = get_peft_model(model, config)
+    perturb_trainable(peft_model)
+    peft_model.save_pretrained(tmp_path / "full")
+    peft_model.save_pretrained(tmp_path / "zero3")
+    file = tmp_path / "zero3" / "adapter_model.safetensors"
+    full = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in full.items() if ".lora_A." not in k}, str(file), metadata={"format": "pt"})
+    export_peft_adapter(str(tmp_path / "zero3"), str(tmp_path / "exported_incomplete"))
+    added = complete_saved_adapter(str(tmp_path / "zero3"))
+    assert added == sorted(k for k in full if ".lora_A." in k) and len(added) == len(peft_ext_layers(peft_model))
+    completed = load_file(str(file))
+    assert completed.keys() == full.keys() and all(torch.equal(completed[k], full[k]) for k in full)
+    assert complete_saved_adapter(str(tmp_path / "zero3")) == []
+    export_peft_adapter(str(tmp_path / "full"), str(tmp_path / "exported"))
+    a = load_file(str(tmp_path / "exported" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "exported_incomplete" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("method, train_A", [("ipm", None), ("kpm", True)])
 def test_ipm_and_kpm_asked_to_train_A_train_both_factors(method, train_A):
     model, config = calibrated("llama", method, corda_train_A=train_A)

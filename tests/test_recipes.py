@@ -96,6 +96,18 @@ def test_trl_16bit_cast_takes_a_frozen_A_along():
                                                    if ".lora_A." in n)
 
 
+def test_train_lora_A_false_under_zero3_only_where_the_config_carries_it():
+    from trl_recipes.args import PeftMethodArguments
+    from trl_recipes.sft import RecipeError, check_frozen_A
+
+    for method, extra in (("dude", {}), ("lora", {}), ("corda", {"corda_implementation": "peft"})):
+        args = PeftMethodArguments(peft_method=method, train_lora_A=False, **extra)
+        with pytest.raises(RecipeError, match=f"--train_lora_A false with --peft_method {method}.*ZeRO-3.*Fix:"):
+            check_frozen_A(args, zero3=True)
+        check_frozen_A(args, zero3=False)
+    check_frozen_A(PeftMethodArguments(peft_method="corda", train_lora_A=False), zero3=True)
+
+
 def test_default_run_on_smollm2_few_steps(tmp_path):
     """The README's main job, shortened: no recipe given, the packaged SmolLM2 with DuDe on the shipped data."""
     out = tmp_path / "default"

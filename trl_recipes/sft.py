@@ -68,6 +68,20 @@ def parse_args(argv=None):
         raise RecipeError(msg) from exc
 
 
+def check_frozen_A(method_args, zero3: bool) -> None:
+    """`--train_lora_A false` under ZeRO-3 only where the config carries it: the trainer then saves only trainable
+    parameters, and only peft_ext's CorDA can put a frozen A back (`peft_ext.complete_saved_adapter`)."""
+    ours = method_args.peft_method == "corda" and method_args.corda_implementation == "peft_ext"
+    if zero3 and method_args.train_lora_A is False and not ours:
+        raise RecipeError(
+            f"--train_lora_A false with --peft_method {method_args.peft_method}"
+            + (" --corda_implementation peft" if method_args.peft_method == "corda" else "")
+            + " under DeepSpeed ZeRO-3: the trainer saves only trainable parameters, so the frozen A factors would be "
+            "missing from the saved adapter. Fix: peft_ext's CorDA (--peft_method corda), ZeRO-2 or DDP, or leave "
+            "--train_lora_A unset."
+        )
+
+
 def check_quantization(model_args, zero3: bool) -> None:
     """bitsandbytes with DeepSpeed ZeRO-3, refused or fixed before the model loads."""
     if not zero3:
@@ -363,6 +377,7 @@ def main(script_args, training_args, model_args, method_args) -> dict:
     import torch
     from accelerate import PartialState
 
+    from peft_ext import PeftExtConfig, complete_saved_adapter
     from peft_ext._compat import is_deepspeed_zero3_enabled
     from peft_ext.base_weight import no_cpu_repacking
     from peft_ext.distributed import gathered_forward
@@ -370,6 +385,7 @@ def main(script_args, training_args, model_args, method_args) -> dict:
     from .evaluate import generate
 
     check_quantization(model_args, zero3=is_deepspeed_zero3_enabled())
+    check_frozen_A(method_args, zero3=is_deepspeed_zero3_enabled())
     float_weights_path(method_args, model_args, "", check_only=True)  # a bad --float_weights fails before the load
     train, held_out, calibration = load_datasets(script_args, training_args, method_args)
     state = PartialState()  # initialises torch.distributed under accelerate/deepspeed launchers
@@ -395,6 +411,8 @@ def main(script_args, training_args, model_args, method_args) -> dict:
                        training_args.output_dir, trainer.model, trainer, len(train), held_out, before, [],
                        time.time() - t0, init_norms, started)
     trainer.save_model(result.adapter_dir)
+    if state.is_main_process and isinstance(peft_config, PeftExtConfig):
+        complete_saved_adapter(result.adapter_dir)  # the frozen A that the trainer leaves out under ZeRO-3
     result.peft_model.eval()
     with no_cpu_repacking(result.peft_model):  # a repacked 4-bit weight could not be dequantized for the export
         result.after = generate(result.peft_model, tokenizer, prompts, method_args.eval_max_new_tokens) if held_out else []
