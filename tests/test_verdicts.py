@@ -150,7 +150,7 @@ def test_recipe_arms_rates_come_from_the_flag_or_the_recipe():
     from benchmarks.recipe_forgetting import arm_rate
 
     assert arm_rate("lora/config_cpu.yaml", []) == 5e-4  # the recipe's own
-    assert arm_rate("corda/config_kpm_cpu.yaml", []) == 2e-4
+    assert arm_rate("corda/config_kpm_cpu.yaml", []) == 1.6e-3
     assert arm_rate("lora/config_cpu.yaml", ["--max_steps", "2", "--learning_rate", "3e-4"]) == 3e-4
     assert arm_rate("lora/config_cpu.yaml", ["--learning_rate=1e-4"]) == 1e-4
     with pytest.raises(SystemExit, match="'fast' is not a number"):
@@ -162,7 +162,7 @@ def test_recipe_lora_arms_are_one_curve_and_kpm_is_read_along_it(tmp_path):
     from benchmarks.recipe_forgetting import along_rates, equal_gain_text, tradeoff_figure
 
     arms = {"LoRA": ("lora/config_cpu.yaml", []), "LoRA-2e-4": ("lora/config_cpu.yaml", ["--learning_rate", "2e-4"]),
-            "CorDA-KPM": ("corda/config_kpm_cpu.yaml", [])}
+            "CorDA-KPM": ("corda/config_kpm_cpu.yaml", ["--learning_rate", "2e-4"])}
     results = {"LoRA": seeds(0.8, 5.0), "LoRA-2e-4": seeds(1.0, 4.6), "CorDA-KPM": seeds(0.9, 4.55)}
     complete = along_rates(arms, results)
     assert set(complete) == {("LoRA", 5e-4), ("LoRA", 2e-4), ("CorDA-KPM", 2e-4)}
