@@ -238,7 +238,7 @@ class PeftExtConfig(LoraConfig):
 
     def frozen_adapter_weights(self) -> tuple[str, ...]:
         """The adapter weights (peft's names, e.g. "lora_A") that stay at their init: peft keeps them frozen through
-        set_adapter, set_requires_grad and loading with is_trainable=True. None by default."""
+        set_adapter, set_requires_grad and loading with is_trainable=True. Nothing by default."""
         return ()
 
     def init_factors_ready(self, name: str) -> bool:

@@ -42,7 +42,7 @@ def with_frozen_factors(config, weights: dict[str, torch.Tensor]) -> dict[str, t
 def complete_saved_adapter(path: str) -> list[str]:
     """Write back into the adapter directory `path` the frozen factors its saver left out (see
     `with_frozen_factors`), so that its files hold the whole adapter; the names added, none when it was complete.
-    trl_recipes calls it after every save; call it after saving a frozen-A CorDA adapter with your own Trainer under
+    trl_recipes calls it after its final save; call it after saving a frozen-A CorDA adapter with your own Trainer under
     ZeRO-3. `export_peft_adapter` reads an incomplete directory correctly, and `load_adapter` too (A is rebuilt from
     the saved init factors), though peft then warns of the missing keys."""
     config, file = load_config(path), os.path.join(path, "adapter_model.safetensors")
