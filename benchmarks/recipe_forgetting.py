@@ -15,8 +15,8 @@ standard error over seeds, paired by seed (a seed fixes the order of the trainin
 
 An arm is `NAME=RECIPE [sft flags]` (the recipe path relative to the SmolLM2 recipe folder); arms are separated by
 `;`. Runs go two at a time with one thread each; finished runs and evaluations in `--work_dir` are reused, and so
-are the runs of an earlier report given with `--reuse REPORT.json` whose arm (recipe and flags, whatever its name) and
-seed match, with its base evaluation; the report names how many were reused and from where.
+are the runs of an earlier report given with `--reuse REPORT.json` whose arm (recipe and flags, whatever its name),
+seed and recipe contents match, with its base evaluation; the report names how many were reused and from where.
 """
 
 from __future__ import annotations
@@ -171,23 +171,22 @@ def recipe_digest(recipe: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def reused_results(path: str, arms: dict, args) -> dict:
-    """{job: result} from an earlier report's JSON: "base", and "ARM,SEED" for each arm here whose recipe and flags
-    equal one of that report's arms, at the seeds both cover, and whose recipe file has the contents that report
-    recorded (reports from before `recipe_digest` recorded none). Refused when its knowledge set differs."""
-    with open(path) as f:
-        old = json.load(f)
+def reused_results(old: dict, arms: dict, args) -> dict:
+    """{job: result} from an earlier report's JSON (`old`, read from `args.reuse`): "base", and "ARM,SEED" for each
+    arm here whose recipe and flags equal one of that report's arms, at the seeds both cover, and whose recipe file
+    still has the contents that report recorded (a report from before `recipe_digest` recorded none, so only its base
+    evaluation is reused: a recipe may have changed since). Refused when its knowledge set differs."""
     mine = {k: old["args"].get(k) for k in ("knowledge_examples", "model")}
     if mine != {"knowledge_examples": args.knowledge_examples, "model": args.model}:
-        sys.exit(f"error: --reuse {path}: its runs used {mine}; this invocation uses knowledge_examples="
+        sys.exit(f"error: --reuse {args.reuse}: its runs used {mine}; this invocation uses knowledge_examples="
                  f"{args.knowledge_examples}, model={args.model}. Give the same, or leave --reuse out.")
-    spec_of = {tuple(map(tuple, [[recipe], flags])): name for name, (recipe, flags) in old["arms"].items()}
+    spec_of = {(recipe, tuple(flags)): name for name, (recipe, flags) in old["arms"].items()}
     digests = old.get("recipes", {})
     done = {"base": old["base"]}
     for name, (recipe, flags) in arms.items():
-        was = spec_of.get(tuple(map(tuple, [[recipe], flags])))
-        if was in digests and digests[was] != recipe_digest(recipe):
-            continue  # the recipe changed since: run again
+        was = spec_of.get((recipe, tuple(flags)))
+        if was not in digests or digests[was] != recipe_digest(recipe):
+            continue  # the recipe changed since, or that report cannot tell: run again
         runs = old["results"].get(was, [])
         done.update({f"{name},{42 + i}": run for i, run in enumerate(runs[:args.seeds])})
     return done
@@ -230,15 +229,13 @@ def reuse_text(args, reused: list[str]) -> str:
     if not reused:
         return ""
     runs = [j for j in reused if j != "base"]
-    with open(args.reuse) as f:
-        recorded = "recipes" in json.load(f)
     return (f"Reused from {os.path.relpath(args.reuse, ROOT)} (same recipe, flags and seed, evaluated on the same "
-            f"questions; {'the same recipe contents' if recorded else 'that report recorded no recipe contents'})"
+            f"questions, the same recipe contents)"
             f"{' with its base evaluation' if 'base' in reused else ''}: {len(runs)} runs, "
             + ", ".join(runs) + ". Every other run trained and was evaluated in this invocation.")
 
 
-def report(args, arms, base, results, wall_minutes, reused=()) -> None:
+def report(args, arms, base, results, wall_minutes, reuse_line="") -> None:
     rows = []
     for name, runs in results.items():
         get = lambda k: mean_std([r[k] for r in runs])  # noqa: E731
@@ -262,7 +259,7 @@ def report(args, arms, base, results, wall_minutes, reused=()) -> None:
         f"gold-answer NLL on {args.knowledge_examples} EfficientQA-dev questions that are not in NQ-open.dev (the KPM "
         f"recipe's calibration file). Base model: task NLL {base['task_nll']:.3f}, knowledge gold NLL "
         f"{base['knowledge_nll']:.3f}.",
-        *filter(None, [reuse_text(args, list(reused))]),
+        *filter(None, [reuse_line]),
         "## Results (mean ± std over seeds)\n\n" + markdown_table(
             ["arm", "recipe", "task answer NLL ↓", "exact match (20) ↑", "knowledge gold NLL change ↓ (forgetting)",
              "final train loss", "s/step (median)"], rows),
@@ -306,18 +303,22 @@ def main() -> None:
         return job_worker(args)
     arms = parse_arms(args.arms)
     along_rates(arms, dict.fromkeys(arms, []))  # every arm's rate read, no two LoRA arms at one rate: before any work
+    old = None
+    if args.reuse:
+        with open(args.reuse) as f:
+            old = json.load(f)
+    reused = reused_results(old, arms, args) if old else {}  # a report of other questions refused: before any work
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
     write_jsonl(os.path.join(args.work_dir, "knowledge.jsonl"), knowledge_records(args.data_dir, args.knowledge_examples))
     slots, t0 = Slots(args.workers), time.time()
-    reused = reused_results(args.reuse, arms, args) if args.reuse else {}
     jobs = [j for j in ["base", *[f"{a},{42 + i}" for i in range(args.seeds) for a in arms]] if j not in reused]
     try:
         done = {**reused, **dict(zip(jobs, parallel(lambda j: run_job(args, slots, j), jobs)))}
     except RuntimeError as exc:
         sys.exit(f"error: {exc}")
-
     results = {a: [done[f"{a},{42 + i}"] for i in range(args.seeds)] for a in arms}
-    report(args, arms, done["base"], results, (time.time() - t0) / 60, sorted(reused))
+    report(args, arms, done["base"], results, (time.time() - t0) / 60,
+           reuse_text(args, sorted(reused)))
 
 
 if __name__ == "__main__":

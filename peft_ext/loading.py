@@ -46,6 +46,8 @@ def complete_saved_adapter(path: str) -> list[str]:
     ZeRO-3. `export_peft_adapter` reads an incomplete directory correctly, and `load_adapter` too (A is rebuilt from
     the saved init factors), though peft then warns of the missing keys."""
     config, file = load_config(path), os.path.join(path, "adapter_model.safetensors")
+    if not config.frozen_adapter_weights():
+        return []  # nothing a saver could have left out: the files are not read
     if not os.path.isfile(file):
         raise FileNotFoundError(f"peft_ext.complete_saved_adapter: no adapter_model.safetensors in '{path}'. Fix: "
                                 f"pass the directory save_pretrained wrote (with safe_serialization).")

@@ -213,7 +213,7 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert json.load(open(tmp_path / "again.json"))["results"] == data["results"]
 
 
-def test_reused_results_match_arms_by_recipe_and_flags_not_name(tmp_path):
+def test_reused_results_match_arms_by_recipe_and_flags_not_name():
     from types import SimpleNamespace
 
     from benchmarks.recipe_forgetting import recipe_digest, reused_results
@@ -222,18 +222,17 @@ def test_reused_results_match_arms_by_recipe_and_flags_not_name(tmp_path):
     old = {"base": {"task_nll": 1.0}, "args": {"knowledge_examples": 200, "model": None},
            "arms": {"LoRA": ["lora/config_cpu.yaml", []], "K": [KPM, ["--learning_rate", "1e-4"]]},
            "results": {"LoRA": [{"s": 0}, {"s": 1}], "K": [{"k": 0}, {"k": 1}]}}
-    path = tmp_path / "old.json"
-    path.write_text(json.dumps(old))
+    args = SimpleNamespace(reuse="old.json", knowledge_examples=200, model=None, seeds=3)
     arms = {"LoRA-5e-4": ("lora/config_cpu.yaml", []), "KPM-1e-4": (KPM, ["--learning_rate", "1e-4"]), "KPM": (KPM, [])}
-    done = reused_results(str(path), arms, SimpleNamespace(knowledge_examples=200, model=None, seeds=3))
-    assert done == {"base": {"task_nll": 1.0}, "LoRA-5e-4,42": {"s": 0}, "LoRA-5e-4,43": {"s": 1},
-                    "KPM-1e-4,42": {"k": 0}, "KPM-1e-4,43": {"k": 1}}  # KPM's flags differ: it runs; seed 44 runs
+    assert reused_results(old, arms, args) == {"base": {"task_nll": 1.0}}  # no recipe contents recorded: runs again
+    old["recipes"] = {"LoRA": recipe_digest("lora/config_cpu.yaml"), "K": recipe_digest(KPM)}
+    assert reused_results(old, arms, args) == {
+        "base": {"task_nll": 1.0}, "LoRA-5e-4,42": {"s": 0}, "LoRA-5e-4,43": {"s": 1},
+        "KPM-1e-4,42": {"k": 0}, "KPM-1e-4,43": {"k": 1}}  # KPM's flags differ: it runs; seed 44 runs
     old["recipes"] = {"LoRA": "0" * 16, "K": recipe_digest(KPM)}  # LoRA's recipe changed since that report
-    path.write_text(json.dumps(old))
-    assert set(reused_results(str(path), arms, SimpleNamespace(knowledge_examples=200, model=None, seeds=3))) == {
-        "base", "KPM-1e-4,42", "KPM-1e-4,43"}
-    with pytest.raises(SystemExit, match="knowledge_examples=100"):
-        reused_results(str(path), arms, SimpleNamespace(knowledge_examples=100, model=None, seeds=3))
+    assert set(reused_results(old, arms, args)) == {"base", "KPM-1e-4,42", "KPM-1e-4,43"}
+    with pytest.raises(SystemExit, match="old.json: its runs used .*knowledge_examples=100"):
+        reused_results(old, arms, SimpleNamespace(reuse="old.json", knowledge_examples=100, model=None, seeds=3))
 
 
 def test_setup_text_lists_only_the_grids_that_differ_from_lrs():
