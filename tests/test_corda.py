@@ -211,8 +211,8 @@ def test_max_normalization_equals_peft_preprocess_corda(tmp_path):
     """Our batched calibration with "max" equals peft's preprocess_corda (one sample per forward) on every target, up
     to peft's scale: it divides the sum by the number of samples, ours by the number of tokens."""
     from peft import LoraConfig
-
-    from peft_ext._compat import PeftCordaConfig, preprocess_corda
+    from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
 
     rows = ragged_rows()
     ours = calibrate(make_tiny("llama"), corda(), rows_to_batches(rows, 4, 3), sample_normalization="max",
@@ -307,8 +307,8 @@ def test_calibration_is_consumed_and_model_untouched_by_calibrate():
     assert config.corda_calibration["tokens"] > 0
 
 
-def test_calibrate_accepts_texts_chats_records_jsonl_datasets_and_dataloaders(tmp_path):
-    import datasets
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary ("w0" ... ), with a plain chat template."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -317,6 +317,13 @@ def test_calibrate_accepts_texts_chats_records_jsonl_datasets_and_dataloaders(tm
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
+def test_calibrate_accepts_texts_chats_records_jsonl_datasets_and_dataloaders(tmp_path):
+    import datasets
+
+    tokenizer = word_tokenizer()
     texts = [" ".join(f"w{(7 * i + j) % 100}" for j in range(5 + i % 7)) for i in range(10)]
     records = [{"question": t, "answer": ["w1", "w2"]} for t in texts]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
@@ -387,6 +394,22 @@ def test_summary_and_low_token_warning():
     text = calib.summary(limit=None)
     assert f"{calib.tokens:,} tokens" in text and "model.layers.0.mlp.down_proj" in text
     assert any(g.positive_definite is False for g in calib.groups)
+
+
+def test_a_rank_deficient_covariance_with_enough_tokens_is_noted_in_the_summary_not_warned():
+    """Enough tokens, but inputs that never vary in some directions (here MLP units zeroed in one layer): the model's
+    property, not a fault of the data, so the summary notes it and no warning is raised."""
+    import warnings
+
+    model = make_tiny("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[:5] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calib = calibrate(model, corda(), token_batches(), verbose=False)
+    assert calib.tokens >= max(g.dim for g in calib.groups)
+    assert calib.group("model.layers.0.mlp.down_proj").positive_definite is False
+    assert "1 of" in calib.summary() and "rank-deficient" in calib.summary()
 
 
 DIST_SCRIPT = r"""
@@ -548,6 +571,37 @@ def test_ipm_and_kpm_asked_to_train_A_train_both_factors(method, train_A):
 def test_corda_train_A_must_be_a_bool_or_none():
     with pytest.raises(ValueError, match="corda_train_A='no'. Fix: True, False, or None"):
         corda(corda_method="kpm", corda_train_A="no")
+
+
+def test_calibration_records_a_digest_of_every_sample_it_used(tmp_path):
+    """The saved adapter names its calibration sample by digests of each sample's question, whatever format carried
+    it; `calibration_overlap` counts the records of another set that the calibration saw. Token batches have none."""
+    from peft_ext import calibration_overlap
+
+    tokenizer = word_tokenizer()
+    questions = [" ".join(f"w{(3 * i + j) % 100}" for j in range(4 + i % 5)) for i in range(12)]
+    formats = {
+        "texts": questions,
+        "records": [{"question": q, "answer": ["w1"]} for q in questions],
+        "conversations": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "w2"}]}
+                          for q in questions],
+    }
+    recorded = {}
+    for name, data in formats.items():
+        model, config = make_tiny("llama"), corda()
+        calibrate(model, config, data, tokenizer=tokenizer, num_samples=5, seed=3, verbose=False)
+        recorded[name] = config.corda_calibration["sample_digests"]
+        if name == "conversations":
+            get_peft_model(model, config).save_pretrained(tmp_path)
+    assert recorded["texts"] == recorded["records"] == recorded["conversations"] and len(set(recorded["texts"])) == 5
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["corda_calibration"]["sample_digests"]
+    assert saved == recorded["texts"]
+    probe = [{"question": q.upper() + "?", "answer": ["x"]} for q in questions]  # written differently: same keys
+    assert calibration_overlap(probe, saved) == 5 and calibration_overlap(probe[:0], saved) == 0
+    assert calibration_overlap([{"question": "w99 w98 w97"}], saved) == 0
+    config = corda()
+    calibrate(make_tiny("llama"), config, token_batches(), verbose=False)
+    assert config.corda_calibration["sample_digests"] is None
 
 
 def test_saved_config_keeps_corda_fields(tmp_path):

@@ -44,6 +44,7 @@ from .cache import check_cache_destination, load_cache, save_cache
 from .config import CorDAConfig
 from .covariance import (SAMPLE_NORMALIZATIONS, Calibration, Collector, StopForward, after_first_forward, diagnose,
                          reduced_groups)
+from .sample_keys import sample_digest
 from .sequential import calibrate_sequential
 
 
@@ -82,8 +83,8 @@ def _rows_from_texts(texts: list[str], tokenizer, max_length: int, chat: bool) -
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def prepare_calibration_data(data, tokenizer, *, num_samples: int, max_length: int, seed: int, text_field=None):
-    """→ ("rows", list of token-id lists) or ("batches", list of dicts of tensors)."""
+def load_samples(data) -> list:
+    """The calibration data as a list: a JSONL path read, a `datasets.Dataset` or any iterable listed; empty refused."""
     if isinstance(data, (str, os.PathLike)):
         data = read_jsonl(data, what="peft_ext.calibrate: calibration file")
     try:
@@ -97,7 +98,21 @@ def prepare_calibration_data(data, tokenizer, *, num_samples: int, max_length: i
         data = list(data)  # an iterable of batches (e.g. a DataLoader) or of samples
     if not data:
         raise ValueError("peft_ext.calibrate: the calibration data is empty. Fix: pass at least one sample.")
+    return data
 
+
+def choose_samples(samples: list, num_samples: int, seed: int) -> list:
+    """The samples calibrated on: all of them when there are at most `num_samples`, else a seeded random subset."""
+    order = list(range(len(samples)))
+    if len(order) > num_samples:
+        random.Random(seed).shuffle(order)
+        order = order[:num_samples]
+    return [samples[i] for i in order]
+
+
+def prepare_calibration_data(data, tokenizer, *, num_samples: int, max_length: int, seed: int, text_field=None):
+    """→ ("rows", list of token-id lists) or ("batches", list of dicts of tensors)."""
+    data = load_samples(data)
     if _is_batch(data[0]):
         batches, rows_seen = [], 0
         for b in data:
@@ -118,11 +133,7 @@ def prepare_calibration_data(data, tokenizer, *, num_samples: int, max_length: i
             "peft_ext.calibrate: the calibration data are texts/records, which need a tokenizer. Fix: pass "
             "tokenizer=..., or pass batches of {'input_ids', 'attention_mask'} tensors."
         )
-    order = list(range(len(data)))
-    if len(order) > num_samples:
-        random.Random(seed).shuffle(order)
-        order = order[:num_samples]
-    chosen = [data[i] for i in order]
+    chosen = choose_samples(data, num_samples, seed)
     if isinstance(chosen[0], str):
         texts, chat = chosen, False
     elif isinstance(chosen[0], (list, tuple)) and chosen[0] and isinstance(chosen[0][0], Mapping):
@@ -228,8 +239,7 @@ def calibrate(
                              sample_normalization)
     blocks = blocks_for_targets(model, names, sequential)
     check_cache_destination(cache_file, sequential=blocks is not None)
-    kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
-                                           seed=seed, text_field=text_field)
+    kind, items, digests = _prepare_with_digests(data, tokenizer, num_samples, max_length, seed, text_field)
     fingerprint = calibration_fingerprint(model, names, kind, items, max_length, covariance_dtype,
                                           sample_normalization)
     rank, world = dist_info()
@@ -237,7 +247,7 @@ def calibrate(
         calib = load_cache(cache_file, fingerprint)
         for g in calib.groups:
             diagnose(g)
-        return _attach(config, calib, verbose and rank == 0)
+        return _attach(config, calib, digests, verbose and rank == 0)
 
     batches = _rank_batches(kind, items, tokenizer, batch_size, shard)
     if blocks is not None:
@@ -249,7 +259,24 @@ def calibrate(
     else:
         collector = Collector(names, covariance_dtype, sample_normalization)
         calib = _whole_model_pass(model, names, batches, collector, fingerprint, cache_file, verbose and rank == 0)
-    return _attach(config, calib, verbose and rank == 0)
+    return _attach(config, calib, digests, verbose and rank == 0)
+
+
+def _prepare_with_digests(data, tokenizer, num_samples: int, max_length: int, seed: int, text_field):
+    """`prepare_calibration_data`, and the digests of the samples it chose (`sample_digests`)."""
+    data = load_samples(data)
+    kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
+                                           seed=seed, text_field=text_field)
+    return kind, items, sample_digests(data, kind, num_samples, seed)
+
+
+def sample_digests(samples: list, kind: str, num_samples: int, seed: int) -> Optional[list[str]]:
+    """The digests (`sample_digest`) of the samples calibrated on, in the order chosen; None for token batches or
+    samples without a text key."""
+    if kind != "rows":
+        return None
+    digests = [sample_digest(s) for s in choose_samples(samples, num_samples, seed)]
+    return None if any(d is None for d in digests) else digests
 
 
 def _whole_model_pass(model: nn.Module, names: list[str], batches: list[dict], collector: Collector,
@@ -360,10 +387,10 @@ def _run_forwards(model: nn.Module, names: list[str], batches: list[dict], colle
             model.train(was_training)
 
 
-def _attach(config, calib: Calibration, verbose: bool) -> Calibration:
+def _attach(config, calib: Calibration, digests: Optional[list[str]], verbose: bool) -> Calibration:
     config.peft_ext_runtime.calibration = calib
     config.peft_ext_runtime.expected_layers = len(calib.targets)  # the total of get_peft_model's init progress bar
-    config.corda_calibration = calib.to_config_record()
+    config.corda_calibration = {**calib.to_config_record(), "sample_digests": digests}
     tokens = calib.tokens
     for g in calib.groups:
         if tokens < g.dim:
@@ -371,10 +398,6 @@ def _attach(config, calib: Calibration, verbose: bool) -> Calibration:
                           f"('{g.members[0]}'): its covariance has rank <= {tokens} and relies on damping. "
                           f"Calibrate with more tokens.")
             break
-    deficient = [g.members[0] for g in calib.groups if g.positive_definite is False]
-    if deficient and tokens >= max(g.dim for g in calib.groups):
-        warnings.warn(f"peft_ext CorDA: {len(deficient)} covariances are rank-deficient (e.g. input of "
-                      f"'{deficient[0]}'); damping makes them invertible. More varied calibration data helps.")
-    if verbose:
+    if verbose:  # rank-deficient covariances with enough tokens are the model's (e.g. MLP units that never fire): noted there
         print(calib.summary())
     return calib

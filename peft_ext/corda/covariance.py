@@ -88,6 +88,10 @@ class Calibration:
             lines.append(f"  {g.members[0]:<48} {len(g.members):>6} {g.dim:>5} {str(g.positive_definite):>9} {cond:>9}")
         if limit and len(self.groups) > limit:
             lines.append(f"  ... {len(self.groups) - limit} more (Calibration.summary(limit=None) lists all)")
+        deficient = [g for g in self.groups if g.positive_definite is False]
+        if deficient:
+            lines.append(f"  {len(deficient)} of {len(self.groups)} covariances are rank-deficient (input directions the "
+                         f"data never excites, e.g. MLP units that never fire); corda_damping makes them invertible")
         return "\n".join(lines)
 
     def to_config_record(self) -> dict:
