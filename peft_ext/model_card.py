@@ -36,7 +36,10 @@ peft_ext.export_peft_adapter("path/to/this/adapter", "path/to/plain_adapter")
 def add_to_model_card(directory: str, method: str) -> None:
     """Add (or refresh) the peft_ext section of `directory`/README.md; peft writes the rest of the card."""
     path = os.path.join(directory, "README.md")
-    text = open(path, encoding="utf-8").read() if os.path.isfile(path) else ""
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     if _BEGIN in text and _END in text:
         head, _, rest = text.partition(_BEGIN)
         text = head + rest.partition(_END)[2].lstrip("\n")
