@@ -1,0 +1,15 @@
+"""The packaged data (PROVENANCE.md beside this file: source, licence, selection rule and sha256 of every file)."""
+
+from __future__ import annotations
+
+import os
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+TRAIN_FILE = os.path.join(DATA_DIR, "train.jsonl")  # arithmetic word problems: every SmolLM2 recipe trains on them
+TEST_FILE = os.path.join(DATA_DIR, "test.jsonl")  # held-out problems of the same kind: the task evaluation
+KPM_CALIBRATION_FILE = os.path.join(DATA_DIR, "nq_open_kpm_calibration.jsonl")  # NQ-open QA: the knowledge to keep
+KNOWLEDGE_EVAL_FILE = os.path.join(DATA_DIR, "efficientqa_knowledge_eval.jsonl")  # disjoint from every calibration
+
+# each file's role, read by the tests' checks of provenance and overlap
+CALIBRATION_FILES = (KPM_CALIBRATION_FILE, TRAIN_FILE)  # KPM's, and IPM's (the training conversations)
+KNOWLEDGE_EVAL_FILES = (KNOWLEDGE_EVAL_FILE,)
