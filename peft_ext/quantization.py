@@ -2,7 +2,7 @@
 
 They are peft's bitsandbytes LoRA layers with peft_ext's `ResidualInitMixin`: their forward, DoRA handling and merge
 (dequantize → merge → re-quantize) are peft's. How the residual is quantized again: `peft_ext.base_weight`; what that
-does to the logits: benchmarks/results/quantization_smollm2.md.
+does to the logits: benchmarks/results/bench_quantization/quantization_smollm2.md.
 """
 
 from __future__ import annotations

@@ -140,7 +140,6 @@ def rows_to_batches(rows, batch, pad=0):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 RECIPES = os.path.join(ROOT, "trl_recipes", "recipes")
 SMOL = os.path.join(RECIPES, "SmolLM2-135M-Instruct")
 

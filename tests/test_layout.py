@@ -67,13 +67,56 @@ def test_private_internals_are_imported_in_the_compat_seam_only():
     assert not offenders, "private third-party internals outside peft_ext/_compat.py:\n" + "\n".join(offenders)
 
 
-def test_the_compat_seam_checks_the_supported_peft_range():
-    import peft
+def test_the_compat_seam_refuses_a_peft_outside_the_supported_range():
+    """peft_ext builds on one peft release line's internals: another peft fails at import, naming the range and the
+    fix, instead of deep inside a layer (the installed peft imports, so it lies inside the range)."""
+    code = "import peft; peft.__version__ = '0.20.0'; import peft_ext"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: peft_ext needs peft >= 0.21.2, < 0.22") and "Fix: pip install" in last
 
-    from peft_ext import _compat
 
-    low, high = _compat.SUPPORTED_PEFT
-    assert low <= _compat.Version(peft.__version__) < high
+def _peft_ext_imports(path: str, module: str) -> list[tuple[str, list[str], int]]:
+    """(module path, names) of every import of peft_ext, and `peft_ext.NAME` attribute uses after `import peft_ext`."""
+    found = [(t, names, line) for t, names, line in _imports(path, module) if t.split(".")[0] == "peft_ext"]
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "peft_ext":
+            found.append(("peft_ext", [node.attr], node.lineno))
+    return found
+
+
+def _client_files() -> dict[str, str]:
+    """Every .py file of the clients of peft_ext in this repository: the recipes, the benchmarks and the tests."""
+    out = {}
+    for package in ("trl_recipes", "benchmarks", "tests"):
+        out.update(_modules(package))
+    return out
+
+
+def test_clients_use_peft_ext_s_public_api():
+    """Nothing outside peft_ext imports a private peft_ext module (a part of its path starts with "_") or a private
+    name; the recipes, a client like any user's script, import only what `peft_ext.__all__` exports."""
+    import peft_ext
+
+    offenders = []
+    for module, path in _client_files().items():
+        for target, names, line in _peft_ext_imports(path, module):
+            private = any(part.startswith("_") for part in target.split(".")) or any(
+                n.startswith("_") and not n.endswith("__") for n in names)
+            outside_api = module.startswith("trl_recipes") and (
+                target != "peft_ext" or any(n not in peft_ext.__all__ for n in names))
+            if private or outside_api:
+                offenders.append(f"{os.path.relpath(path, ROOT)}:{line} imports {target} {names}")
+    assert not offenders, "peft_ext internals used by its clients:\n" + "\n".join(offenders)
+
+
+def test_the_public_api_is_documented():
+    import peft_ext
+
+    api = open(os.path.join(ROOT, "docs", "api.md")).read()
+    missing = [name for name in peft_ext.__all__ if f"`{name}" not in api and name != "__version__"]
+    assert not missing, f"docs/api.md does not document {missing}"
 
 
 def test_no_import_circles():
@@ -121,7 +164,7 @@ def test_packages_import_without_undeclared_modules():
     """A fresh `pip install -e .` must run the default job: importing peft_ext and the recipes must not need a module
     that only a test extra brings, such as `attr` (peft's own CorDA module imports it without declaring it)."""
     code = ("import sys; sys.modules['attr'] = None; sys.modules['pytest'] = None; "
-            "import peft_ext, trl_recipes.sft, trl_recipes.evaluate, trl_recipes.peft_corda; print('ok')")
+            "import peft_ext, trl_recipes.sft, trl_recipes.evaluate; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

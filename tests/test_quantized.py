@@ -64,7 +64,7 @@ def test_quantized_init_train_save_load_export(bits, method, fp32_dir, tmp_path)
     err_base = rel_err(quantized, fp32)
     # the decomposition runs on the dequantized weight, so the init reproduces the quantized model up to one more
     # quantization of the residual (≈ the same scale as W on these random, flat-spectrum weights); real weights:
-    # benchmarks/results/quantization_smollm2.md
+    # benchmarks/results/bench_quantization/quantization_smollm2.md
     assert rel_err(init, quantized) < 2.5 * err_base, (err_base, rel_err(init, quantized))
 
     model.train()
@@ -181,7 +181,7 @@ def test_sft_with_quantized_base(flag, tiny_model_dir, tmp_path):
 def test_quantization_checks_for_zero3():
     from trl import ModelConfig
 
-    from trl_recipes.sft import RecipeError, check_quantization
+    from trl_recipes.quantized import RecipeError, check_quantization
 
     with pytest.raises(RecipeError, match="load_in_8bit.*ZeRO-3.*zero2.yaml"):
         check_quantization(ModelConfig(load_in_8bit=True), zero3=True)
@@ -228,7 +228,7 @@ def test_bnb_weight_partitioned_by_zero3_is_refused(fp32_dir):
 def test_trl_qlora_bf16_cast_is_settled(fp32_dir):
     """TRL casts a quantized model's adapter factors (not the DoRA magnitude) to bf16. An fp32 run gets the exact
     initial factors back in fp32 (outputs at step 0 equal the base's again); a 16-bit ZeRO-3 run gets one dtype."""
-    from trl_recipes.sft import settle_quantized_adapter_dtypes
+    from peft_ext import settle_adapter_dtypes
 
     x = sample_input()
     peft_model = get_peft_model(load(fp32_dir, 4), DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -240,7 +240,7 @@ def test_trl_qlora_bf16_cast_is_settled(fp32_dir):
                 param.data = param.data.to(torch.bfloat16)
 
     trl_cast()
-    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=False, zero3=False)
+    settle_adapter_dtypes(peft_model, sixteen_bit=False, zero3=False)
     assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.float32}
     layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert torch.equal(layer.lora_A["default"].weight, layer.lora_init_A["default"])
@@ -248,7 +248,7 @@ def test_trl_qlora_bf16_cast_is_settled(fp32_dir):
     assert torch.equal(logits(peft_model, x), at_init)
 
     trl_cast()
-    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=True, zero3=False)  # magnitude stays fp32 without ZeRO-3
+    settle_adapter_dtypes(peft_model, sixteen_bit=True, zero3=False)  # magnitude stays fp32 without ZeRO-3
     assert layer.lora_magnitude_vector["default"].weight.dtype == torch.float32
-    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=True, zero3=True)
+    settle_adapter_dtypes(peft_model, sixteen_bit=True, zero3=True)
     assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.bfloat16}

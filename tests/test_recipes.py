@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from .helpers import FAST, RECIPES, ROOT, SHARED, SMOL, assert_adapter_and_export_agree, check_finished_run, run_cli
+from .helpers import FAST, RECIPES, ROOT, SMOL, assert_adapter_and_export_agree, check_finished_run, run_cli
 
 
 @pytest.mark.parametrize("method,recipe,extra", [
@@ -80,7 +80,7 @@ def test_trl_16bit_cast_takes_a_frozen_A_along():
     from peft import get_peft_model
 
     from peft_ext import calibrate
-    from trl_recipes.sft import settle_quantized_adapter_dtypes
+    from peft_ext import settle_adapter_dtypes
 
     from .helpers import corda, make_tiny, token_batches
 
@@ -90,7 +90,7 @@ def test_trl_16bit_cast_takes_a_frozen_A_along():
     for name, param in peft_model.named_parameters():  # TRL's cast
         if param.requires_grad and "lora_magnitude_vector" not in name:
             param.data = param.data.to(torch.bfloat16)
-    settle_quantized_adapter_dtypes(peft_model, sixteen_bit=True, zero3=False)
+    settle_adapter_dtypes(peft_model, sixteen_bit=True, zero3=False)
     factors = {p.dtype for n, p in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
     assert factors == {torch.bfloat16} and not any(p.requires_grad for n, p in peft_model.named_parameters()
                                                    if ".lora_A." in n)
@@ -98,7 +98,7 @@ def test_trl_16bit_cast_takes_a_frozen_A_along():
 
 def test_train_lora_A_false_under_zero3_only_where_the_config_carries_it():
     from trl_recipes.args import PeftMethodArguments
-    from trl_recipes.sft import RecipeError, check_frozen_A
+    from trl_recipes.trainer import RecipeError, check_frozen_A
 
     for method, extra in (("dude", {}), ("lora", {}), ("corda", {"corda_implementation": "peft"})):
         args = PeftMethodArguments(peft_method=method, train_lora_A=False, **extra)
@@ -144,6 +144,34 @@ def test_every_recipe_parses_strictly():
     assert methods == {"lora", "pissa", "dora", "dude", "corda"}
     smol = {os.path.relpath(p, SMOL).split(os.sep)[0] for p in recipes if p.startswith(SMOL)}
     assert smol == methods
+
+
+# warnings the libraries raise whatever a recipe says, each with why it is not ours to fix
+UPSTREAM_WARNINGS = {
+    "`is_gradient_checkpointing` is deprecated": "peft 0.21.2's PeftModel reads model.is_gradient_checkpointing, "
+                                                 "which transformers 5.25 deprecates",
+}
+
+
+def test_the_shipped_recipes_cause_no_warning(tiny_model_dir, tmp_path):
+    """Every shipped CPU recipe parses without a warning (TrainingArguments checks its keys there: a deprecated key
+    warns), and the default run and the KPM recipe run a step end to end on a tiny model with none but the
+    libraries' own (UPSTREAM_WARNINGS)."""
+    import warnings
+
+    from trl_recipes.sft import parse_args, run
+
+    fast = ["--model_name_or_path", tiny_model_dir, "--max_steps", "1", "--per_device_train_batch_size", "2",
+            "--eval_examples", "0", "--calibration_samples", "16"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for recipe in sorted(glob.glob(os.path.join(SMOL, "*", "*.yaml"))):
+            parse_args(["--config", recipe, "--output_dir", str(tmp_path / "parsed")])
+        run([*fast, "--output_dir", str(tmp_path / "default")])
+        run(["--config", os.path.join(SMOL, "corda", "config_kpm_cpu.yaml"), *fast, "--output_dir", str(tmp_path / "kpm")])
+    ours = [f"{w.category.__name__}: {str(w.message)[:200]} ({w.filename}:{w.lineno})" for w in caught
+            if not any(known in str(w.message) for known in UPSTREAM_WARNINGS)]
+    assert not ours, "\n".join(ours)
 
 
 def one_error_line(capsys):
@@ -209,7 +237,7 @@ def test_qa_calibration_records_become_chat_conversations(tmp_path):
     from peft_ext.corda.calibration import prepare_calibration_data
     from trl_recipes.args import PeftMethodArguments
     from trl_recipes.models import default_model_path
-    from trl_recipes.sft import calibration_data
+    from trl_recipes.dataset import calibration_data
 
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "who wrote hamlet", "answer": ["Shakespeare", "W. S."]}\n')
@@ -234,7 +262,7 @@ def test_prompt_completion_calibration_records_become_whole_conversations(tmp_pa
     import datasets
 
     from trl_recipes.args import PeftMethodArguments
-    from trl_recipes.sft import calibration_data
+    from trl_recipes.dataset import calibration_data
 
     train = datasets.Dataset.from_list([
         {"prompt": [{"role": "user", "content": "2+3?"}], "completion": [{"role": "assistant", "content": "5"}]}])
@@ -260,21 +288,23 @@ def test_scoring_helpers():
     assert knowledge_match("The Beatles.\nmore text", ["Beatles"]) and not knowledge_match("Stones", ["Beatles"])
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the evaluation data lives in ../shared/data (CI has it)")
 def test_evaluate_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The documented evaluate command on the packaged slices (its defaults): before (the base) and after, both
+    parts, the tables; a merged model gives the adapter's numbers."""
     run = tmp_path / "run"
     proc = run_cli("--config", os.path.join(SMOL, "dude", "config_cpu.yaml"), "--model_name_or_path",
                    tiny_model_dir, "--output_dir", str(run), *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from trl_recipes.data import KNOWLEDGE_EVAL_FILE, TEST_FILE
     from trl_recipes.evaluate import main
 
     out = tmp_path / "eval"
-    rc = main(["--model", tiny_model_dir, "--adapter", str(run / "adapter"),
-               "--task_data", os.path.join(SHARED, "gsm8k", "test.jsonl"),
-               "--knowledge_data", os.path.join(SHARED, "nq_open", "NQ-open.dev.jsonl"),
-               "--num_task", "3", "--num_knowledge", "3", "--task_max_new_tokens", "8", "--output_dir", str(out)])
+    rc = main(["--model", tiny_model_dir, "--adapter", str(run / "adapter"), "--num_task", "3", "--num_knowledge",
+               "3", "--task_max_new_tokens", "8", "--output_dir", str(out)])
     assert rc == 0
     result = json.load(open(out / "eval.json"))
+    assert (result["task_data"], result["knowledge_data"]) == (TEST_FILE, KNOWLEDGE_EVAL_FILE)
+    assert result["calibration_overlap"] is None  # a DuDe adapter has no calibration
     for side in ("before", "after"):
         assert result[side]["task"]["n"] == 3 and result[side]["knowledge"]["n"] == 3
         assert result[side]["task"]["answer_nll"] > 0 and result[side]["knowledge"]["gold_nll"] > 0
@@ -285,22 +315,51 @@ def test_evaluate_cli_on_a_tiny_model(tiny_model_dir, tmp_path):
     from trl_recipes.dataset import prompt_and_reference
     from trl_recipes.evaluate import answer_nll, read_records
 
-    records = read_records(os.path.join(SHARED, "gsm8k", "test.jsonl"), 3)
+    records = read_records(TEST_FILE, 3)
     prompts, refs = zip(*(prompt_and_reference(r) for r in records))
     base_nll = answer_nll(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
                           AutoTokenizer.from_pretrained(tiny_model_dir), list(prompts), list(refs))
     assert result["before"]["task"]["answer_nll"] == pytest.approx(sum(base_nll) / 3, rel=1e-5)
     # a merged model is evaluated the same way
     from peft_ext import load_adapter
-    from transformers import AutoModelForCausalLM
 
     merged = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter")).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    assert main(["--model", tiny_model_dir, "--merged", str(tmp_path / "merged"), "--task_data",
-                 os.path.join(SHARED, "gsm8k", "test.jsonl"), "--num_task", "3", "--task_max_new_tokens", "8",
-                 "--output_dir", str(tmp_path / "eval2")]) == 0
+    assert main(["--model", tiny_model_dir, "--merged", str(tmp_path / "merged"), "--knowledge_data", "none",
+                 "--num_task", "3", "--task_max_new_tokens", "8", "--output_dir", str(tmp_path / "eval2")]) == 0
     merged_result = json.load(open(tmp_path / "eval2" / "eval.json"))
+    assert "knowledge" not in merged_result["after"]
     assert abs(merged_result["after"]["task"]["answer_nll"] - result["after"]["task"]["answer_nll"]) < 1e-4
+
+
+def test_evaluate_warns_where_the_knowledge_set_overlaps_the_calibration(tiny_model_dir, tmp_path, capsys):
+    """A CorDA adapter records a digest per calibration sample; evaluating knowledge on questions it was calibrated
+    on warns with their count (however they are written), the packaged knowledge slice does not."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peft_ext
+    from trl_recipes.data import KNOWLEDGE_EVAL_FILE, KPM_CALIBRATION_FILE
+    from trl_recipes.evaluate import main
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = peft_ext.CorDAConfig(r=2, lora_alpha=2, target_modules="all-linear", corda_method="kpm")
+    calibration = peft_ext.read_jsonl(KPM_CALIBRATION_FILE)[:32]
+    peft_ext.calibrate(model, config, calibration, tokenizer=tokenizer, verbose=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    mixed = tmp_path / "mixed.jsonl"  # 5 calibrated questions, written differently, and 4 held-out ones
+    records = [{**r, "question": r["question"].upper() + "?"} for r in calibration[:5]]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in records + peft_ext.read_jsonl(KNOWLEDGE_EVAL_FILE)[:4]))
+    common = ["--model", tiny_model_dir, "--adapter", str(tmp_path / "adapter"), "--task_data", "none",
+              "--num_knowledge", "9"]
+    capsys.readouterr()
+    assert main([*common, "--knowledge_data", str(mixed), "--output_dir", str(tmp_path / "e1")]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "5 of the 9 knowledge questions are in the calibration sample" in warning[0]
+    assert json.load(open(tmp_path / "e1" / "eval.json"))["calibration_overlap"] == {"knowledge": 5}
+    assert main([*common, "--output_dir", str(tmp_path / "e2")]) == 0
+    assert "warning:" not in capsys.readouterr().err
+    assert json.load(open(tmp_path / "e2" / "eval.json"))["calibration_overlap"] == {"knowledge": 0}
 
 
 def test_evaluate_takes_the_converted_pissa_adapter(tiny_model_dir, tmp_path):
@@ -402,7 +461,8 @@ def test_calibration_flags_reach_calibrate(flag, key, expected, monkeypatch):
     """`--calibration_sequential` and `--calibration_sample_normalization` are parsed from the command line and
     passed to peft_ext.calibrate."""
     import peft_ext
-    from trl_recipes.sft import calibrate_corda, parse_args
+    from trl_recipes.calibration import calibrate_corda
+    from trl_recipes.sft import parse_args
 
     _, _, _, method_args = parse_args(["--config", os.path.join(SMOL, "corda", "config_ipm_cpu.yaml"),
                                        "--output_dir", "unused", *flag])

