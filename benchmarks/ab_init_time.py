@@ -3,7 +3,7 @@
 the same on both sides, so its before/after ratio shows the machine's noise.
 
     git worktree add /tmp/before <commit>
-    python -m benchmarks.ab_init_time --before /tmp/before --after . --rounds 4 --out benchmarks/results/x.md
+    python -m benchmarks.ab_init_time --before /tmp/before --after . --rounds 4 --out benchmarks/results/ab_init_time/x.md
 
 Each measurement is one fresh process of that checkout's `benchmarks/bench_dude.py --worker init METHOD`; the sides
 alternate order every round; medians are reported.
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--after", default=ROOT, help="checkout of the code after (default: this one)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--labels", default="before,after")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "init_ab.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "ab_init_time", "init_ab.md"))
     args = ap.parse_args()
     labels = args.labels.split(",")
     sides = dict(zip(labels, (args.before, args.after)))

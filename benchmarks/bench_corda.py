@@ -1,7 +1,7 @@
 """peft_ext CorDA vs peft's `preprocess_corda` on SmolLM2-135M-Instruct.
 
 All linear projections, r=16, 256 calibration samples of up to 256 tokens: NQ-open question + answers for KPM,
-GSM8K questions for IPM (from ../shared/data, or --data_dir). Side by side in one run, each measurement in its own
+GSM8K questions for IPM (upstream files in `--data_dir`, see benchmarks/README.md). Side by side in one run, each measurement in its own
 process (clean peak RSS), methods interleaved over rounds:
   * peft: `preprocess_corda` with a run_model callback over the samples one at a time (it requires batch 1), then
     `get_peft_model(LoraConfig(init_lora_weights="corda"))`;
@@ -10,7 +10,7 @@ process (clean peak RSS), methods interleaved over rounds:
 Reported: wall time of calibration and decomposition, extra peak memory (peak RSS minus the RSS of the loaded model
 after one tiny forward pass has paged its memory-mapped weights in), and the ratios.
 
-    python -m benchmarks.bench_corda                 # writes benchmarks/results/corda_smollm2.md
+    python -m benchmarks.bench_corda                 # writes benchmarks/results/bench_corda/corda_smollm2.md
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import os
 import random
 import time
 
-from peft_ext.jsonl import read_jsonl
+from peft_ext import read_jsonl
 
 from benchmarks.common import (
     ROOT,
     SMOLLM2_TARGETS,
     add_calibration_arguments,
     allocators,
+    data_file,
     current_rss_mb,
     machine,
     markdown_table,
@@ -42,10 +43,10 @@ from benchmarks.common import (
 def load_texts(data_dir: str, mode: str, n: int, seed: int = 0) -> list[str]:
     """KPM: NQ-open question and its answers (knowledge to preserve); IPM: GSM8K questions (the task's instructions)."""
     if mode == "kpm":
-        path = os.path.join(data_dir, "nq_open", "NQ-open.dev.jsonl")
+        path = data_file(data_dir, "nq_open/NQ-open.dev.jsonl")
         fmt = lambda r: f"{r['question']}\n{', '.join(r['answer'])}"  # noqa: E731
     else:
-        path = os.path.join(data_dir, "gsm8k", "train.jsonl")
+        path = data_file(data_dir, "gsm8k/train.jsonl")
         fmt = lambda r: r["question"]  # noqa: E731
     records = read_jsonl(path)
     random.Random(seed).shuffle(records)
@@ -125,7 +126,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocators", default="glibc")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "corda_smollm2.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_corda", "corda_smollm2.md"))
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     common = dict(data_dir=args.data_dir, n=args.samples, max_length=args.max_length, batch_size=args.batch_size,

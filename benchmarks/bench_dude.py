@@ -8,7 +8,7 @@ Measures, side by side in one run:
 Every measurement runs in its own process (clean peak RSS); methods are interleaved over rounds because the machine is
 shared and noisy, and medians are reported.
 
-    python -m benchmarks.bench_dude                # writes benchmarks/results/dude_smollm2.md
+    python -m benchmarks.bench_dude                # writes benchmarks/results/bench_dude/dude_smollm2.md
     python -m benchmarks.bench_dude --rounds 1 --steps 2   # quick look
 """
 
@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured first steps (glibc needs ~2 to settle)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocators", default="glibc,jemalloc", help="comma list of glibc,jemalloc")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "dude_smollm2.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_dude", "dude_smollm2.md"))
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 

@@ -6,7 +6,7 @@ the init decomposes either the dequantized weights (residual re-quantized) or th
 (`float_weights_path`, residual quantized once, as QPiSSA). Reported: mean per-token KL(fp32 ‖ model) over real
 tokens and the relative max logit error.
 
-    python -m benchmarks.bench_quantization       # writes benchmarks/results/quantization_smollm2.md
+    python -m benchmarks.bench_quantization       # writes benchmarks/results/bench_quantization/quantization_smollm2.md
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from peft_ext.jsonl import read_jsonl
+from peft_ext import read_jsonl
 
 from benchmarks.common import ROOT, SMOLLM2_TARGETS, machine, markdown_table, stamp, write_report
 
@@ -68,7 +68,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--calibration_samples", type=int, default=64)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quantization_smollm2.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_quantization", "quantization_smollm2.md"))
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)

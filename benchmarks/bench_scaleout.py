@@ -9,7 +9,7 @@
 3. 2 gloo ranks × 1 thread vs 1 process × 1 thread, a random 16-block model with SmolLM2's widths: DuDe
    `get_peft_model` and CorDA-IPM `calibrate` + `get_peft_model` (each rank half of 64 samples), time per rank.
 
-    python -m benchmarks.bench_scaleout        # writes benchmarks/results/scaleout_smollm2.md
+    python -m benchmarks.bench_scaleout        # writes benchmarks/results/bench_scaleout/scaleout_smollm2.md
 """
 
 from __future__ import annotations
@@ -31,25 +31,16 @@ SMOL_WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=
 
 def _measure(model, kind: str, mode: str, data, tokenizer, n: int, max_length: int, batch_size: int) -> dict:
     """calibrate (or peft's preprocess_corda), then get_peft_model; times and peaks over the loaded model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from peft_ext import CorDAConfig, calibrate
-    from peft_ext._compat import PeftCordaConfig, preprocess_corda
+    from peft_ext import CorDAConfig, calibrate, calibrate_with_peft, peft_corda_config
 
     base = peak_rss_since_reset_mb()
     reset_peak_rss()
     t = time.perf_counter()
     if kind == "peft":  # its hooks need batch 1; it also computes its decomposition here
-        config = LoraConfig(r=16, lora_alpha=16, target_modules=SMOLLM2_TARGETS, init_lora_weights="corda",
-                            corda_config=PeftCordaConfig(corda_method=mode))
-
-        def run_model():
-            with torch.no_grad():
-                for row in data:
-                    model(input_ids=torch.tensor([row]), use_cache=False)
-
-        preprocess_corda(model, config, run_model=run_model)
+        config = peft_corda_config(r=16, lora_alpha=16, target_modules=SMOLLM2_TARGETS, corda_method=mode)
+        calibrate_with_peft(model, config, data, verbose=False)
     else:
         config = CorDAConfig(r=16, lora_alpha=16, target_modules=SMOLLM2_TARGETS, corda_method=mode)
         calibrate(model, config, data, tokenizer=tokenizer, num_samples=n, max_length=max_length,
@@ -221,7 +212,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--parts", default="smol,depth,ranks")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the timed parts (smol, ranks), interleaved")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scaleout_smollm2.md"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_scaleout", "scaleout_smollm2.md"))
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

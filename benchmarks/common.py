@@ -24,9 +24,38 @@ SMOL = os.path.join(ROOT, "trl_recipes", "recipes", "SmolLM2-135M-Instruct")  # 
 SMOLLM2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+DATA_ENV = "PEFT_EXT_DATA_DIR"
+DATA_FILES = {  # the larger public sets some benchmarks read, as their upstream repositories ship them
+    "gsm8k/train.jsonl": "GSM8K train: github.com/openai/grade-school-math, grade_school_math/data/train.jsonl "
+                         "(Hub: openai/gsm8k, config main, split train)",
+    "gsm8k/test.jsonl": "GSM8K test: github.com/openai/grade-school-math, grade_school_math/data/test.jsonl "
+                        "(Hub: openai/gsm8k, config main, split test)",
+    "nq_open/NQ-open.dev.jsonl": "NQ-open dev: github.com/google-research-datasets/natural-questions, "
+                                "nq_open/NQ-open.dev.jsonl (Hub: google-research-datasets/nq_open, split validation)",
+    "nq_open/NQ-open.efficientqa.dev.1.1.jsonl": "EfficientQA dev: github.com/google-research-datasets/"
+                                                "natural-questions, nq_open/NQ-open.efficientqa.dev.1.1.jsonl",
+}
+
+
+def add_data_dir_argument(ap) -> None:
+    ap.add_argument("--data_dir", default=os.environ.get(DATA_ENV),
+                    help=f"folder with the public data sets as upstream ships them: {', '.join(DATA_FILES)} "
+                         f"(default: ${DATA_ENV})")
+
+
+def data_file(data_dir, name: str) -> str:
+    """The path of `name` (a key of DATA_FILES) under `data_dir`; exits naming where to get it when it is missing."""
+    path = os.path.join(data_dir, name) if data_dir else None
+    if path is None or not os.path.isfile(path):
+        where = f"{path} does not exist" if path else f"no --data_dir (nor ${DATA_ENV}) given"
+        sys.exit(f"error: this benchmark reads {name}, and {where}. Fix: --data_dir DIR with {name} in it, the "
+                 f"{DATA_FILES[name]}.")
+    return path
+
+
 def add_calibration_arguments(ap) -> None:
     """The calibration options the CorDA benchmarks share (data folder, samples, tokens per sample, batch size)."""
-    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+    add_data_dir_argument(ap)
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--max_length", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=8)

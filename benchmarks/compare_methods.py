@@ -15,7 +15,7 @@ dev file (none of the evaluated NQ-open dev questions) with their answers, every
 problems with their solutions; both as chat conversations, as the recipes calibrate.
 
     python -m benchmarks.compare_methods              # all eleven arms and the matched rates, ~2 hours on 2 CPU cores
-    python -m benchmarks.compare_methods --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/x   # a subset
+    python -m benchmarks.compare_methods --methods LoRA,PiSSA,CorDA-IPM --out benchmarks/results/compare_methods/x   # a subset
 
 Each run (its training, then its evaluation) is one subprocess; two run at a time with one thread each (`--workers`:
 two 1-thread processes get ~1.25x the throughput of one 2-thread process on this model), the grid's extensions ahead
@@ -37,10 +37,10 @@ import sys
 import threading
 import time
 
-from peft_ext.jsonl import read_jsonl
+from peft_ext import read_jsonl
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
-                               write_jsonl, write_report)
+from benchmarks.common import (DATA_FILES, ROOT, SMOL, Slots, add_data_dir_argument, data_file, fmt, machine, markdown_table,
+                               mean_std, parallel, stamp, write_jsonl, write_report)
 from benchmarks.plots import rate_curves, save_gain_forget, tradeoff_plot
 from benchmarks.verdicts import (at_least_as_good_claim, curve_verdicts, derived, early_loss, equal_gain_rows,
                                  equal_gain_table, lora_rates, verdicts)
@@ -88,18 +88,13 @@ MATCHED_PAIRS = (("CorDA-KPM", "peft-CorDA-KPM"), ("CorDA-IPM", "peft-CorDA-IPM"
 
 def prepare_data(data_dir: str, work: str, args) -> dict:
     """Disjoint splits written into the work directory (deterministic: the same on every invocation)."""
-    for sub, name in (("gsm8k", "train.jsonl"), ("gsm8k", "test.jsonl"), ("nq_open", "NQ-open.dev.jsonl"),
-                      ("nq_open", "NQ-open.efficientqa.dev.1.1.jsonl")):
-        if not os.path.isfile(os.path.join(data_dir, sub, name)):
-            sys.exit(f"error: {os.path.join(data_dir, sub, name)} not found. Fix: --data_dir with gsm8k/ and nq_open/ "
-                     f"(GSM8K and NQ-open JSONL, as in ../shared/data).")
     rng = random.Random(0)
-    train = read_jsonl(os.path.join(data_dir, "gsm8k", "train.jsonl"))
+    train = read_jsonl(data_file(data_dir, "gsm8k/train.jsonl"))
     rng.shuffle(train)
     val, train = train[: args.val_examples], train[args.val_examples :]
-    test = read_jsonl(os.path.join(data_dir, "gsm8k", "test.jsonl"))[: args.task_examples]
-    nq = read_jsonl(os.path.join(data_dir, "nq_open", "NQ-open.dev.jsonl"))[: args.knowledge_examples]
-    kpm = read_jsonl(os.path.join(data_dir, "nq_open", "NQ-open.efficientqa.dev.1.1.jsonl"))
+    test = read_jsonl(data_file(data_dir, "gsm8k/test.jsonl"))[: args.task_examples]
+    nq = read_jsonl(data_file(data_dir, "nq_open/NQ-open.dev.jsonl"))[: args.knowledge_examples]
+    kpm = read_jsonl(data_file(data_dir, "nq_open/NQ-open.efficientqa.dev.1.1.jsonl"))
     evaluated = {r["question"].strip().lower() for r in nq}
     kpm = [r for r in kpm if r["question"].strip().lower() not in evaluated][: args.calibration_samples]
     paths = {k: os.path.join(work, f"{k}.jsonl") for k in ("train", "val", "test", "nq")}
@@ -375,8 +370,7 @@ def refinement_rates(sweep: dict) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
-                    help="folder with gsm8k/{train,test}.jsonl and nq_open/ (NQ-open dev and EfficientQA dev)")
+    add_data_dir_argument(ap)
     ap.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "compare"))
     ap.add_argument("--model", default=None, help="base model (default: the packaged SmolLM2-135M-Instruct)")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -413,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the --extra_rates runs on this many seeds (default, 0: --seeds), where reading arms at "
                          "equal task gain needs more seeds than the selection does; seeds 0 .. N-1")
     ap.add_argument("--workers", type=int, default=2, help="parallel runs (the cores are split between them)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compare_methods"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "compare_methods", "compare_methods"))
     # internal: one run (training and evaluation) in a worker process
     ap.add_argument("--job", help=argparse.SUPPRESS)
     ap.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
@@ -458,6 +452,8 @@ def main() -> None:
         sys.exit(f"error: --lrs {args.lrs!r}: not a comma list of numbers. Fix: e.g. --lrs 1e-4,4e-4,1.6e-3.")
     grids = method_grids(args.lrs_for, methods, lrs)
     extra = method_grids(args.extra_rates, methods, [], flag="--extra_rates")
+    for name in DATA_FILES:
+        data_file(args.data_dir, name)
     os.makedirs(os.path.join(args.work_dir, "runs"), exist_ok=True)
     prepare_data(args.data_dir, args.work_dir, args)
     t0 = time.time()
@@ -768,7 +764,7 @@ def report(args, base, sweep, best_lr, results, grids, invocations, matched_rate
              "chosen"], sweep_rows),
         f"Timing: seconds per step and peak memory come from these training runs, {args.workers} at a time on a "
         f"shared machine (median over seeds); they rank the methods only roughly. Clean side-by-side step times are "
-        f"in [dude_smollm2.md](dude_smollm2.md) and [corda_smollm2.md](corda_smollm2.md).",
+        f"in [dude_smollm2.md](../bench_dude/dude_smollm2.md) and [corda_smollm2.md](../bench_corda/corda_smollm2.md).",
         f"Plots: [loss curves]({name}_loss.png), [knowledge change vs task gain]({name}_knowledge_vs_task.png)"
         + (f", [each arm along its rates]({name}_tradeoff.png)" if curves else "") + ".",
     ])

@@ -5,8 +5,9 @@ shipped arithmetic data, changed only by `--seed` (and `--output_dir`). Each tra
 the base model on
   * its own task: answer NLL over the 60 held-out problems of trl_recipes/data/test.jsonl, and the recipe's own
     exact match on the first 20 (measured by trl_recipes.sft before and after training);
-  * knowledge: NQ-open gold-answer NLL on questions of the EfficientQA dev file that are not in NQ-open.dev, the file
-    the KPM recipe calibrates on (so none of them was seen by the calibration).
+  * knowledge: NQ-open gold-answer NLL on questions of the EfficientQA dev file that are not in NQ-open dev, the file
+    the KPM recipe's calibration slice comes from (so none of them was seen by the calibration): the packaged slice
+    trl_recipes/data/efficientqa_knowledge_eval.jsonl (200 questions; more with --data_dir).
 The verdict uses compare_methods' rule (benchmarks/verdicts.py): a difference counts when it exceeds twice its
 standard error over seeds, paired by seed (a seed fixes the order of the training batches for every arm).
 
@@ -31,10 +32,10 @@ import subprocess
 import sys
 import time
 
-from peft_ext.jsonl import read_jsonl
+from peft_ext import read_jsonl
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, parallel, stamp,
-                               write_jsonl, write_report)
+from benchmarks.common import (ROOT, SMOL, Slots, add_data_dir_argument, data_file, fmt, machine, markdown_table,
+                               mean_std, parallel, stamp, write_jsonl, write_report)
 from benchmarks.verdicts import (curve_verdicts, equal_gain_rows, equal_gain_table, gain_and_forgetting,
                                  kpm_claim, lora_rates)
 
@@ -114,11 +115,16 @@ def tradeoff_figure(complete: dict, base: dict, path: str) -> None:
                         "forgetting: held-out NQ gold NLL increase ↓"))
 
 
-def knowledge_records(data_dir: str, n: int) -> list[dict]:
-    """EfficientQA dev questions absent from NQ-open.dev (the KPM recipe's calibration file), the first n."""
-    nq = os.path.join(data_dir, "nq_open")
-    calibration = {r["question"].strip().lower() for r in read_jsonl(os.path.join(nq, "NQ-open.dev.jsonl"))}
-    pool = read_jsonl(os.path.join(nq, "NQ-open.efficientqa.dev.1.1.jsonl"))
+def knowledge_records(data_dir, n: int) -> list[dict]:
+    """The first n EfficientQA dev questions absent from NQ-open dev (the source of the KPM recipe's calibration
+    slice): the packaged slice holds the first 200; more are read from the upstream files in `data_dir`."""
+    from trl_recipes.data import KNOWLEDGE_EVAL_FILE
+
+    packaged = read_jsonl(KNOWLEDGE_EVAL_FILE)
+    if n <= len(packaged):
+        return packaged[:n]
+    calibration = {r["question"].strip().lower() for r in read_jsonl(data_file(data_dir, "nq_open/NQ-open.dev.jsonl"))}
+    pool = read_jsonl(data_file(data_dir, "nq_open/NQ-open.efficientqa.dev.1.1.jsonl"))
     return [r for r in pool if r["question"].strip().lower() not in calibration][:n]
 
 
@@ -287,11 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--arms", default=DEFAULT_ARMS)
     ap.add_argument("--seeds", type=int, default=3, help="seeds 42, 43, ... (42 is the recipes' own)")
     ap.add_argument("--knowledge_examples", type=int, default=200)
-    ap.add_argument("--data_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
+    add_data_dir_argument(ap)  # only for --knowledge_examples above the packaged slice's 200
     ap.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "recipe_forgetting"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model", default=None, help="base model (default: the packaged SmolLM2-135M-Instruct)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_forgetting"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "recipe_forgetting", "recipe_forgetting"))
     ap.add_argument("--reuse", default=None, help="an earlier report's JSON whose matching runs are not run again")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     return ap

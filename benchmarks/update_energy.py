@@ -12,7 +12,7 @@ in whatever directions the task's gradient points to. Each part's energies are r
 do not add up to the whole's: cross terms).
 
     python -m benchmarks.update_energy --work_dir outputs/compare60 \\
-        --task_covariance outputs/compare/ipm_covariance.safetensors --out benchmarks/results/update_energy_60
+        --task_covariance outputs/compare/ipm_covariance.safetensors --out benchmarks/results/update_energy/update_energy_60
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", default="", help="run names, comma separated (default: every run with an adapter)")
     ap.add_argument("--knowledge_covariance", default=None, help="default: WORK_DIR/kpm_covariance.safetensors")
     ap.add_argument("--task_covariance", required=True, help="a whole-model peft_ext cache of task inputs")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "update_energy"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "update_energy", "update_energy"))
     return ap
 
 

@@ -23,3 +23,30 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def benchmark_data_dir(tmp_path_factory):
+    """A `--data_dir` for the benchmarks in the upstream layout (gsm8k/, nq_open/), filled from the packaged slices:
+    the arithmetic problems as GSM8K question/answer records, the NQ-open calibration slice as NQ-open dev, the
+    knowledge slice as EfficientQA dev."""
+    import json
+
+    from peft_ext import read_jsonl
+    from trl_recipes.data import KNOWLEDGE_EVAL_FILE, KPM_CALIBRATION_FILE, TEST_FILE, TRAIN_FILE
+
+    root = tmp_path_factory.mktemp("data")
+
+    def write(name, records):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def as_gsm8k(path):
+        return [{"question": r["prompt"][0]["content"], "answer": r["completion"][0]["content"]}
+                for r in read_jsonl(path)]
+
+    write("gsm8k/train.jsonl", as_gsm8k(TRAIN_FILE))
+    write("gsm8k/test.jsonl", as_gsm8k(TEST_FILE))
+    write("nq_open/NQ-open.dev.jsonl", read_jsonl(KPM_CALIBRATION_FILE))
+    write("nq_open/NQ-open.efficientqa.dev.1.1.jsonl", read_jsonl(KNOWLEDGE_EVAL_FILE))
+    return str(root)

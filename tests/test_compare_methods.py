@@ -14,7 +14,6 @@ from tests.helpers import SYNTHETIC_BASE as BASE
 from tests.helpers import synthetic_seeds as seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
 def test_matched_rate_rows_hold_each_pair_side_by_side_at_every_shared_rate():
     from benchmarks.compare_methods import matched_rows
@@ -120,8 +119,7 @@ def test_the_grid_s_own_choice_is_replayed_from_a_refined_sweep():
     assert coarse_choice(edge, grid, extensions=0) == 1.6e-3
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the benchmark data lives in ../shared/data (CI has it)")
-def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, benchmark_data_dir, tmp_path):
     """Sweep with an edge extension and a refinement, seeds, evaluations, resume from the cache, report, JSON and
     plots."""
     work, out = tmp_path / "work", tmp_path / "results" / "cmp"
@@ -131,7 +129,7 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
            "--extra_seeds", "3",
            "--steps", "2", "--batch_size", "2", "--train_pool", "20", "--calibration_samples", "8",
            "--val_examples", "3", "--task_examples", "3", "--em_examples", "2", "--task_max_new_tokens", "4",
-           "--knowledge_examples", "3", "--work_dir", str(work), "--out", str(out)]
+           "--knowledge_examples", "3", "--data_dir", benchmark_data_dir, "--work_dir", str(work), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,7 +181,6 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert json.load(open(f"{out}.json"))["results"] == data["results"]
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the KPM recipe calibrates on ../shared/data (CI has it)")
 def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     """The shipped recipes with 2 steps on a tiny model, 2 seeds: runs, evaluations, report, verdict, reuse."""
     fast = "--max_steps 2 --per_device_train_batch_size 2 --eval_examples 2 --eval_max_new_tokens 4"
@@ -198,9 +195,12 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert set(data["results"]) == {"LoRA", "CorDA-KPM"}
     for runs in data["results"].values():
         assert len(runs) == 2 and all(r["task_nll"] > 0 and r["knowledge_nll"] > 0 for r in runs)
-    knowledge = [json.loads(line)["question"] for line in open(work / "knowledge.jsonl")]
-    calibration = {json.loads(line)["question"] for line in open(os.path.join(SHARED, "nq_open", "NQ-open.dev.jsonl"))}
-    assert len(knowledge) == 4 and not set(knowledge) & calibration
+    from peft_ext import read_jsonl, sample_key
+    from trl_recipes.data import KNOWLEDGE_EVAL_FILE, KPM_CALIBRATION_FILE
+
+    knowledge = read_jsonl(work / "knowledge.jsonl")
+    calibration = {sample_key(r) for r in read_jsonl(KPM_CALIBRATION_FILE)}
+    assert knowledge == read_jsonl(KNOWLEDGE_EVAL_FILE)[:4] and not {sample_key(r) for r in knowledge} & calibration
     assert "CorDA-KPM forgets less than LoRA" in open(f"{out}.md").read()
     mtimes = {p: os.path.getmtime(p) for p in work.glob("runs/*/metrics.json")}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
