@@ -15,12 +15,17 @@ class DataError(ValueError):
     """Bad data input; the CLI prints it as one line."""
 
 
+def is_local_file(name_or_path: str) -> bool:
+    """A data argument names a local JSON/JSONL file (an existing file, or a .jsonl/.json name); otherwise a Hub id."""
+    return os.path.isfile(name_or_path) or name_or_path.endswith((".jsonl", ".json"))
+
+
 def load_split(name_or_path: str, split: str = "train", config: Optional[str] = None):
     import datasets
 
     datasets.disable_progress_bars()  # "Generating train split" bars would bury a one-line error
     try:
-        if os.path.isfile(name_or_path) or name_or_path.endswith((".jsonl", ".json")):
+        if is_local_file(name_or_path):
             return _load_local_file(datasets, name_or_path)
         try:
             return datasets.load_dataset(name_or_path, name=config, split=split)

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .dataset import DataError, load_split, prompt_and_reference
+from .dataset import DataError, is_local_file, load_split, prompt_and_reference
 
 KNOWLEDGE_INSTRUCTION = "Answer the question with a short phrase only.\nQuestion: {question}"
 
@@ -167,7 +167,7 @@ def read_records(name: str, n: Optional[int] = None, split: str = "train", confi
     """The first `n` records (None: all) of a local JSON-lines file, or of split `split` of a Hub dataset."""
     from peft_ext import read_jsonl
 
-    if os.path.isfile(name) or name.endswith((".jsonl", ".json")):
+    if is_local_file(name):
         try:
             records = read_jsonl(name, what="evaluation file")
         except (FileNotFoundError, ValueError) as exc:

@@ -263,19 +263,19 @@ def calibrate(
 
 
 def _prepare_with_digests(data, tokenizer, num_samples: int, max_length: int, seed: int, text_field):
-    """`prepare_calibration_data`, and the digests of the samples it chose (`sample_digests`)."""
+    """`prepare_calibration_data`, and the digests of the samples it took (`sample_digests`). The samples are chosen
+    once, here: `prepare_calibration_data` takes all of at most `num_samples` samples, in their order."""
     data = load_samples(data)
-    kind, items = prepare_calibration_data(data, tokenizer, num_samples=num_samples, max_length=max_length,
+    chosen = data if _is_batch(data[0]) else choose_samples(data, num_samples, seed)
+    kind, items = prepare_calibration_data(chosen, tokenizer, num_samples=num_samples, max_length=max_length,
                                            seed=seed, text_field=text_field)
-    return kind, items, sample_digests(data, kind, num_samples, seed)
+    return kind, items, sample_digests(chosen) if kind == "rows" else None
 
 
-def sample_digests(samples: list, kind: str, num_samples: int, seed: int) -> Optional[list[str]]:
-    """The digests (`sample_digest`) of the samples calibrated on, in the order chosen; None for token batches or
-    samples without a text key."""
-    if kind != "rows":
-        return None
-    digests = [sample_digest(s) for s in choose_samples(samples, num_samples, seed)]
+def sample_digests(chosen: list) -> Optional[list[str]]:
+    """The digests (`sample_digest`) of the samples calibrated on, in their order; None where a sample has no text
+    key."""
+    digests = [sample_digest(s) for s in chosen]
     return None if any(d is None for d in digests) else digests
 
 
