@@ -2,14 +2,17 @@
 
 Each arm runs a shipped recipe (trl_recipes/recipes/SmolLM2-135M-Instruct/...) as a user would: its 60 steps on the
 shipped arithmetic data, changed only by `--seed` (and `--output_dir`). Each trained adapter is then evaluated against
-the base model on
-  * its own task: answer NLL over the 60 held-out problems of trl_recipes/data/test.jsonl, and the recipe's own
-    exact match on the first 20 (measured by trl_recipes.sft before and after training);
+the base model on two splits, each with
+  * its own task: answer NLL over 60 held-out arithmetic problems;
   * knowledge: NQ-open gold-answer NLL on questions of the EfficientQA dev file that are not in NQ-open dev, the file
-    the KPM recipe's calibration slice comes from (so none of them was seen by the calibration): the packaged slice
-    trl_recipes/data/efficientqa_knowledge_eval.jsonl (200 questions; more with --data_dir).
-The verdict uses compare_methods' rule (benchmarks/verdicts.py): a difference counts when it exceeds twice its
-standard error over seeds, paired by seed (a seed fixes the order of the training batches for every arm).
+    the KPM recipe's calibration slice comes from (so none of them was seen by the calibration).
+The validation split (trl_recipes/data/test.jsonl and efficientqa_knowledge_eval.jsonl, 200 questions, more with
+--data_dir) is where the recipes' rates were chosen and where any further choice is made (`rate_choices`); the final
+test split (test_final.jsonl, efficientqa_knowledge_final.jsonl, 200) is where results are reported. The recipe's own
+exact match on the first 20 problems of test.jsonl (measured by trl_recipes.sft) is a validation number.
+The verdicts use compare_methods' rules (benchmarks/verdicts.py): a difference counts when it exceeds twice its
+standard error over seeds, paired by seed (a seed fixes the order of the training batches for every arm); comparable
+task gain means a task NLL at most 1.25x the reference's.
 
     python -m benchmarks.recipe_forgetting      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
     python -m benchmarks.recipe_forgetting --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
@@ -35,12 +38,12 @@ import time
 from peft_ext import read_jsonl
 
 from benchmarks.common import (ROOT, SMOL, Slots, add_data_dir_argument, data_file, fmt, machine, markdown_table,
-                               mean_std, parallel, stamp, write_jsonl, write_report)
-from benchmarks.verdicts import (curve_verdicts, equal_gain_rows, equal_gain_table, gain_and_forgetting,
-                                 kpm_claim, lora_rates)
+                               mean_std, paired, parallel, stamp, write_jsonl, write_report)
+from benchmarks.verdicts import (comparable_gain, curve_verdicts, equal_gain_rows, equal_gain_table,
+                                 gain_and_forgetting, kpm_claim, lora_rates)
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
-TEST_FILE = os.path.join(ROOT, "trl_recipes", "data", "test.jsonl")
+RESULT_FILE = "forgetting_eval_splits.json"  # one run's evaluation on both splits (`evaluate_splits`)
 
 
 def parse_arms(spec: str) -> dict[str, tuple[str, list[str]]]:
@@ -92,14 +95,16 @@ def equal_gain_text(rows: list[list], lora_arms: int) -> str:
     """The `equal_gain_rows` of these arms, where two LoRA arms or more ran; else empty."""
     if not rows or lora_arms < 2:
         return ""
-    return ("## KPM against LoRA at equal task gain, along LoRA's rates\n\nEach KPM arm is held against LoRA's gold "
-            "NLL change at KPM's mean task gain (base task NLL minus the arm's), read linearly in gain between the two "
-            "LoRA arms whose mean gains bracket it (per seed, the same weights), among LoRA's best rates; above every "
-            "LoRA gain, LoRA's largest-gain arm; below every one, not decided. The paired difference, KPM − LoRA "
-            "there, decides by the 2-standard-error rule (compare_methods' equal-gain reading, fixed in commit "
-            "ac63a54).\n\n"
-            + equal_gain_table(rows, "gold NLL change")
-            + "\n\n" + "; ".join(f"{arm} lies below LoRA's curve: **{v}**" for arm, v in curve_verdicts(rows).items())
+    where = {"holds": "below LoRA's curve", "does not hold": "above LoRA's curve", "not shown": "on LoRA's curve "
+             "(within noise)"}
+    return ("## Every recipe against LoRA at equal task gain, along LoRA's rates (final test split)\n\nEach arm is "
+            "held against LoRA's gold NLL change at the arm's mean task gain (base task NLL minus the arm's), read "
+            "linearly in gain between the two LoRA arms whose mean gains bracket it (per seed, the same weights), among "
+            "LoRA's best rates; above every LoRA gain, LoRA's largest-gain arm; below every one, not decided. The "
+            "paired difference, arm − LoRA there, decides by the 2-standard-error rule (compare_methods' equal-gain "
+            "reading, fixed in commit ac63a54). Below LoRA's curve: less forgetting at the same gain.\n\n"
+            + equal_gain_table(rows, "gold NLL change", arm="recipe")
+            + "\n\n" + "; ".join(f"{arm} lies **{where.get(v, v)}**" for arm, v in curve_verdicts(rows).items())
             + ".")
 
 
@@ -123,21 +128,41 @@ def knowledge_records(data_dir, n: int) -> list[dict]:
     packaged = read_jsonl(KNOWLEDGE_EVAL_FILE)
     if n <= len(packaged):
         return packaged[:n]
-    calibration = {r["question"].strip().lower() for r in read_jsonl(data_file(data_dir, "nq_open/NQ-open.dev.jsonl"))}
+    from trl_recipes.data import KNOWLEDGE_FINAL_FILE
+
+    # neither a calibration question nor one of the final test split's
+    away = {r["question"].strip().lower() for r in read_jsonl(data_file(data_dir, "nq_open/NQ-open.dev.jsonl"))
+            + read_jsonl(KNOWLEDGE_FINAL_FILE)}
     pool = read_jsonl(data_file(data_dir, "nq_open/NQ-open.efficientqa.dev.1.1.jsonl"))
-    return [r for r in pool if r["question"].strip().lower() not in calibration][:n]
+    return [r for r in pool if r["question"].strip().lower() not in away][:n]
 
 
 def run_dir(work: str, arm: str, seed: int) -> str:
     return os.path.join(work, "runs", f"{arm}_s{seed}")
 
 
+def evaluate_splits(model, tokenizer, work_dir: str) -> dict:
+    """Task and knowledge NLL on the final test split (the top-level keys) and on the validation split."""
+    from trl_recipes.data import FINAL_TEST_FILE, KNOWLEDGE_FINAL_FILE, TEST_FILE
+    from trl_recipes.dataset import prompt_and_reference
+    from trl_recipes.evaluate import KNOWLEDGE_INSTRUCTION, answer_nll
+
+    def nlls(task_file, knowledge_file):
+        task = [prompt_and_reference(r) for r in read_jsonl(task_file)]
+        know = read_jsonl(knowledge_file)
+        prompts = [[{"role": "user", "content": KNOWLEDGE_INSTRUCTION.format(question=r["question"])}] for r in know]
+        return {"task_nll": statistics.mean(answer_nll(model, tokenizer, [p for p, _ in task], [a for _, a in task])),
+                "knowledge_nll": statistics.mean(answer_nll(model, tokenizer, prompts, [r["answer"][0] for r in know]))}
+
+    return {**nlls(FINAL_TEST_FILE, KNOWLEDGE_FINAL_FILE),
+            "validation": nlls(TEST_FILE, os.path.join(work_dir, "knowledge.jsonl"))}
+
+
 def job_worker(args) -> None:
     """`--job base` or `--job ARM,SEED`: train the run unless it finished before, then evaluate it."""
     import torch
 
-    from trl_recipes.dataset import prompt_and_reference
-    from trl_recipes.evaluate import KNOWLEDGE_INSTRUCTION, answer_nll, load_for_eval
+    from trl_recipes.evaluate import load_for_eval
 
     out = None
     if args.job != "base":
@@ -149,7 +174,7 @@ def job_worker(args) -> None:
 
             run(["--config", os.path.join(SMOL, recipe), "--seed", seed, "--output_dir", out, *flags,
                  *(["--model_name_or_path", args.model] if args.model else [])])
-    result_file = os.path.join(out or args.work_dir, "forgetting_eval.json")
+    result_file = os.path.join(out or args.work_dir, RESULT_FILE)
     if os.path.isfile(result_file):
         return
     adapter = None if out is None else os.path.join(out, "adapter")
@@ -159,13 +184,7 @@ def job_worker(args) -> None:
         model = model.merge_and_unload()
     model.eval()
     torch.manual_seed(0)
-    task = [prompt_and_reference(r) for r in read_jsonl(TEST_FILE)]
-    know = read_jsonl(os.path.join(args.work_dir, "knowledge.jsonl"))
-    k_prompts = [[{"role": "user", "content": KNOWLEDGE_INSTRUCTION.format(question=r["question"])}] for r in know]
-    result = {
-        "task_nll": statistics.mean(answer_nll(model, tokenizer, [p for p, _ in task], [a for _, a in task])),
-        "knowledge_nll": statistics.mean(answer_nll(model, tokenizer, k_prompts, [r["answer"][0] for r in know])),
-    }
+    result = evaluate_splits(model, tokenizer, args.work_dir)
     with open(result_file + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(result_file + ".tmp", result_file)
@@ -186,6 +205,9 @@ def reused_results(old: dict, arms: dict, args) -> dict:
     if mine != {"knowledge_examples": args.knowledge_examples, "model": args.model}:
         sys.exit(f"error: --reuse {args.reuse}: its runs used {mine}; this invocation uses knowledge_examples="
                  f"{args.knowledge_examples}, model={args.model}. Give the same, or leave --reuse out.")
+    if "validation" not in old["base"]:
+        sys.exit(f"error: --reuse {args.reuse}: its runs were evaluated on one split only (before 2026-12-07); this "
+                 "benchmark evaluates each run on a validation and a final test split. Leave --reuse out.")
     spec_of = {(recipe, tuple(flags)): name for name, (recipe, flags) in old["arms"].items()}
     digests = old.get("recipes", {})
     done = {"base": old["base"]}
@@ -203,7 +225,7 @@ def run_job(args, slots: Slots, name: str) -> dict:
     if name != "base":
         arm, seed = name.rsplit(",", 1)
         out = run_dir(args.work_dir, arm, int(seed))
-    result_file = os.path.join(out or args.work_dir, "forgetting_eval.json")
+    result_file = os.path.join(out or args.work_dir, RESULT_FILE)
     if not os.path.isfile(result_file):
         cmd = [sys.executable, "-m", "benchmarks.recipe_forgetting", "--job", name, "--work_dir", args.work_dir,
                "--arms", args.arms, *(["--model", args.model] if args.model else [])]
@@ -241,16 +263,79 @@ def reuse_text(args, reused: list[str]) -> str:
             + ", ".join(runs) + ". Every other run trained and was evaluated in this invocation.")
 
 
-def report(args, arms, base, results, wall_minutes, reuse_line="") -> None:
+def on_split(item, split: str):
+    """A run, a list of runs, {arm: runs} or the base evaluation, seen on `split`: "final" (the top-level numbers)
+    or "validation"."""
+    if isinstance(item, dict) and "task_nll" not in item:
+        return {k: on_split(v, split) for k, v in item.items()}
+    if isinstance(item, list):
+        return [on_split(r, split) for r in item]
+    return item if split == "final" else {**item, **item["validation"]}
+
+
+def rate_choices(arms: dict, results: dict, base: dict) -> list[list]:
+    """On the validation split: every arm that is a non-LoRA arm with `--learning_rate X` added at the end of its
+    flags (the same recipe, nothing else changed) against that arm, at the recipe's own rate. The candidate rate is adopted when its task NLL is comparable
+    (`comparable_gain`: at most 1.25x the shipped rate's) and it forgets less by the 2-standard-error rule, paired by
+    seed; else the shipped rate stays. Rows: [candidate, shipped arm, task NLL ratio, comparable, forgetting of each,
+    paired difference, decision] (the plan of 2026-12-07)."""
+    shipped = {(recipe, tuple(flags)): name for name, (recipe, flags) in arms.items()
+               if not name.startswith("LoRA") and not any(w.startswith("--learning_rate") for w in flags)}
+    rows = []
+    for name, (recipe, flags) in arms.items():
+        ref = shipped.get((recipe, tuple(flags[:-2])))
+        if ref is None or flags[-2:-1] != ["--learning_rate"]:
+            continue
+        cand, ship = (gain_and_forgetting(results[a], base) for a in (name, ref))
+        ok, ratio = comparable_gain(cand["task_nll"], ship["task_nll"])
+        diff = paired(cand["forget"], ship["forget"])
+        less = diff[0] + 2 * diff[1] < 0
+        rows.append([name, ref, f"{ratio:.2f}×", "yes" if ok else "no", fmt(mean_std(cand["forget"])),
+                     fmt(mean_std(ship["forget"])), f"{diff[0]:+.3f} ± {diff[1]:.3f}",
+                     f"**adopt {flags[-1]}**" if ok and less else f"keep {ref}'s rate"])
+    return rows
+
+
+def results_table(arms: dict, results: dict, base: dict, final: bool) -> str:
+    """Mean ± std over seeds of each arm on one split (the final split also shows the run's own numbers)."""
+    lora = results.get("LoRA")
     rows = []
     for name, runs in results.items():
         get = lambda k: mean_std([r[k] for r in runs])  # noqa: E731
-        rows.append([name, " ".join([arms[name][0], *arms[name][1]]), fmt(get("task_nll")),
-                     fmt(mean_std([r["em_after"] for r in runs]), 2),
-                     fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs])),
-                     "–" if any(r["final_loss"] is None for r in runs) else fmt(get("final_loss")),
-                     f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}"])
+        row = [name, " ".join([arms[name][0], *arms[name][1]]), fmt(get("task_nll")),
+               f"{comparable_gain([r['task_nll'] for r in runs], [r['task_nll'] for r in lora])[1]:.2f}×"
+               if lora else "–", fmt(mean_std([r["knowledge_nll"] - base["knowledge_nll"] for r in runs]))]
+        if final:
+            row += [fmt(mean_std([r["em_after"] for r in runs]), 2),
+                    "–" if any(r["final_loss"] is None for r in runs) else fmt(get("final_loss")),
+                    f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}"]
+        rows.append(row)
+    head = ["arm", "recipe", "task answer NLL ↓", "× LoRA's", "knowledge gold NLL change ↓ (forgetting)"]
+    return markdown_table(head + (["exact match (20, validation) ↑", "final train loss", "s/step (median)"]
+                                  if final else []), rows)
+
+
+def plane_text(arms: dict, results: dict, base: dict, out: str) -> list[str]:
+    """On the final split: each arm against LoRA's recipe at comparable gain, and at equal gain along LoRA's rates."""
+    parts = []
+    rows = [[c, f"**{v}**", e] for k in results if not k.startswith("LoRA") and "LoRA" in results
+            for c, v, e in [claim(results[k], results["LoRA"], base, (k, "LoRA"))]]
+    if rows:
+        parts.append("## Each recipe against LoRA's recipe (final test split)\n\n"
+                     + markdown_table(["claim", "verdict", "evidence"], rows))
+    complete = along_rates(arms, results)
+    equal_gain = equal_gain_rows(complete, base, arms=lambda m: True)  # every arm against LoRA at its task gain
+    n_lora = lora_rates(complete)
+    parts += filter(None, [equal_gain_text(equal_gain, n_lora)])
+    if n_lora > 1:
+        tradeoff_figure(complete, base, out + "_tradeoff.png")
+        parts.append(f"Plot (final test split): [each arm along its rates]({os.path.basename(out)}_tradeoff.png).")
+    return parts, equal_gain
+
+
+def report(args, arms, base, results, wall_minutes, reuse_line="") -> None:
     seeds = [42 + i for i in range(args.seeds)]
+    val, val_base = on_split(results, "validation"), on_split(base, "validation")
     per_seed = [[name, *[f"{r['knowledge_nll'] - base['knowledge_nll']:+.3f}" for r in runs]]
                 for name, runs in results.items()]
     parts = [
@@ -260,31 +345,31 @@ def report(args, arms, base, results, wall_minutes, reuse_line="") -> None:
         + (f" --model {args.model}" if args.model else "")
         + (f" --reuse {os.path.relpath(args.reuse, ROOT)}" if args.reuse else "") + f"`  \nMachine: {machine()}; "
         f"{args.workers} runs at a time  \nDate: {stamp()}; wall time of this invocation {wall_minutes:.0f} min",
-        f"Each arm is a shipped recipe run unchanged but for `--seed` (seeds {seeds}). Task: answer NLL over the 60 "
-        f"problems of trl_recipes/data/test.jsonl, and the recipe's exact match on its first 20. Knowledge: NQ-open "
-        f"gold-answer NLL on {args.knowledge_examples} EfficientQA-dev questions that are not in NQ-open.dev (the KPM "
-        f"recipe's calibration file). Base model: task NLL {base['task_nll']:.3f}, knowledge gold NLL "
-        f"{base['knowledge_nll']:.3f}.",
+        f"Each arm is a shipped recipe run unchanged but for `--seed` (seeds {seeds}) and the flags it names. Each "
+        "adapter is evaluated on two splits, each with a task (answer NLL over 60 held-out arithmetic problems) and "
+        "knowledge (NQ-open gold-answer NLL on EfficientQA-dev questions that are not in NQ-open dev, the KPM recipe's "
+        f"calibration file). **Validation**: trl_recipes/data/test.jsonl and {args.knowledge_examples} questions "
+        "(efficientqa_knowledge_eval.jsonl), where the recipes' rates were chosen and where the rate choices below "
+        "are made. **Final test**: test_final.jsonl and efficientqa_knowledge_final.jsonl (200), on which nothing was "
+        f"chosen: every result and verdict below is on it unless it says otherwise. Base model, final split: task NLL "
+        f"{base['task_nll']:.3f}, knowledge {base['knowledge_nll']:.3f}; validation: {val_base['task_nll']:.3f}, "
+        f"{val_base['knowledge_nll']:.3f}.",
         *filter(None, [reuse_line]),
-        "## Results (mean ± std over seeds)\n\n" + markdown_table(
-            ["arm", "recipe", "task answer NLL ↓", "exact match (20) ↑", "knowledge gold NLL change ↓ (forgetting)",
-             "final train loss", "s/step (median)"], rows),
-        "Knowledge gold NLL change per seed:\n\n" + markdown_table(["arm", *[f"seed {s}" for s in seeds]], per_seed),
+        "## Results on the final test split (mean ± std over seeds)\n\n" + results_table(arms, results, base, True),
+        "Knowledge gold NLL change per seed (final test split):\n\n"
+        + markdown_table(["arm", *[f"seed {s}" for s in seeds]], per_seed),
+        "## Validation split\n\n" + results_table(arms, val, val_base, False),
     ]
-    verdict_rows = [[c, f"**{v}**", e] for k in results if "KPM" in k for lo in results if lo.startswith("LoRA")
-                    for c, v, e in [claim(results[k], results[lo], base, (k, lo))]]
-    if verdict_rows:
-        parts.append("## Verdict\n\n" + markdown_table(["claim", "verdict", "evidence"], verdict_rows))
-    complete = along_rates(arms, results)
-    equal_gain = equal_gain_rows(complete, base)  # each KPM arm against LoRA at its task gain
-    n_lora = lora_rates(complete)
-    parts += filter(None, [equal_gain_text(equal_gain, n_lora)])
-    if n_lora > 1:
-        tradeoff_figure(complete, base, args.out + "_tradeoff.png")
-        parts.append(f"Plot: [each arm along its rates]({os.path.basename(args.out)}_tradeoff.png).")
+    choices = rate_choices(arms, val, val_base)
+    if choices:
+        parts.append("### Rate choices (validation split)\n\n" + markdown_table(
+            ["candidate", "shipped", "task NLL × shipped", "comparable (≤ 1.25×)", "its forgetting",
+             "shipped forgetting", "paired difference ± s.e.", "decision"], choices))
+    plane, equal_gain = plane_text(arms, results, base, args.out)
+    parts += plane
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,
                                                        "recipes": {a: recipe_digest(r) for a, (r, _) in arms.items()},
-                                                       "equal_gain": equal_gain,
+                                                       "equal_gain": equal_gain, "rate_choices": choices,
                                                        "args": {k: v for k, v in vars(args).items() if k != "job"}})
 
 

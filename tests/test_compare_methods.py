@@ -198,6 +198,8 @@ def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     from peft_ext import read_jsonl, sample_key
     from trl_recipes.data import KNOWLEDGE_EVAL_FILE, KPM_CALIBRATION_FILE
 
+    for run in [data["base"], *data["results"]["LoRA"]]:  # both splits, different questions
+        assert run["validation"]["task_nll"] > 0 and run["validation"]["knowledge_nll"] != run["knowledge_nll"]
     knowledge = read_jsonl(work / "knowledge.jsonl")
     calibration = {sample_key(r) for r in read_jsonl(KPM_CALIBRATION_FILE)}
     assert knowledge == read_jsonl(KNOWLEDGE_EVAL_FILE)[:4] and not {sample_key(r) for r in knowledge} & calibration
@@ -219,20 +221,51 @@ def test_reused_results_match_arms_by_recipe_and_flags_not_name():
     from benchmarks.recipe_forgetting import recipe_digest, reused_results
 
     KPM = "corda/config_kpm_cpu.yaml"
-    old = {"base": {"task_nll": 1.0}, "args": {"knowledge_examples": 200, "model": None},
+    base = {"task_nll": 1.0, "validation": {"task_nll": 1.1}}
+    old = {"base": base, "args": {"knowledge_examples": 200, "model": None},
            "arms": {"LoRA": ["lora/config_cpu.yaml", []], "K": [KPM, ["--learning_rate", "1e-4"]]},
            "results": {"LoRA": [{"s": 0}, {"s": 1}], "K": [{"k": 0}, {"k": 1}]}}
     args = SimpleNamespace(reuse="old.json", knowledge_examples=200, model=None, seeds=3)
     arms = {"LoRA-5e-4": ("lora/config_cpu.yaml", []), "KPM-1e-4": (KPM, ["--learning_rate", "1e-4"]), "KPM": (KPM, [])}
-    assert reused_results(old, arms, args) == {"base": {"task_nll": 1.0}}  # no recipe contents recorded: runs again
+    assert reused_results(old, arms, args) == {"base": base}  # no recipe contents recorded: runs again
     old["recipes"] = {"LoRA": recipe_digest("lora/config_cpu.yaml"), "K": recipe_digest(KPM)}
     assert reused_results(old, arms, args) == {
-        "base": {"task_nll": 1.0}, "LoRA-5e-4,42": {"s": 0}, "LoRA-5e-4,43": {"s": 1},
+        "base": base, "LoRA-5e-4,42": {"s": 0}, "LoRA-5e-4,43": {"s": 1},
         "KPM-1e-4,42": {"k": 0}, "KPM-1e-4,43": {"k": 1}}  # KPM's flags differ: it runs; seed 44 runs
     old["recipes"] = {"LoRA": "0" * 16, "K": recipe_digest(KPM)}  # LoRA's recipe changed since that report
     assert set(reused_results(old, arms, args)) == {"base", "KPM-1e-4,42", "KPM-1e-4,43"}
     with pytest.raises(SystemExit, match="old.json: its runs used .*knowledge_examples=100"):
         reused_results(old, arms, SimpleNamespace(reuse="old.json", knowledge_examples=100, model=None, seeds=3))
+    old["base"] = {"task_nll": 1.0}  # a report from before the two splits: its numbers are on one split only
+    with pytest.raises(SystemExit, match="old.json: its runs were evaluated on one split only"):
+        reused_results(old, arms, args)
+
+
+def _runs(task, forget, base):
+    """Three seeds of runs whose validation numbers are (task, forgetting) and final numbers something else."""
+    return [{"task_nll": 9.0, "knowledge_nll": 9.0,
+             "validation": {"task_nll": task + j, "knowledge_nll": base["knowledge_nll"] + forget + j}}
+            for j in (0.0, 0.002, -0.002)]
+
+
+def test_rate_choices_adopt_a_rate_only_at_comparable_gain_with_less_forgetting_on_validation():
+    from benchmarks.recipe_forgetting import on_split, rate_choices
+
+    base = {"task_nll": 1.0, "knowledge_nll": 4.0, "validation": {"task_nll": 1.0, "knowledge_nll": 4.0}}
+    D = "dude/config_cpu.yaml"
+    arms = {"LoRA": ("lora/config_cpu.yaml", []), "DuDe": (D, ["--max_steps", "2"]),
+            "DuDe-1e-4": (D, ["--max_steps", "2", "--learning_rate", "1e-4"]),
+            "DuDe-5e-5": (D, ["--max_steps", "2", "--learning_rate", "5e-5"]),
+            "DuDe-other": (D, ["--learning_rate", "1e-4"])}  # other flags changed too: not a rate choice
+    results = {"LoRA": _runs(0.05, 1.0, base), "DuDe": _runs(0.04, 1.8, base), "DuDe-1e-4": _runs(0.048, 1.2, base),
+               "DuDe-5e-5": _runs(0.08, 0.5, base), "DuDe-other": _runs(0.04, 0.1, base)}
+    rows = rate_choices(arms, on_split(results, "validation"), on_split(base, "validation"))
+    assert [r[0] for r in rows] == ["DuDe-1e-4", "DuDe-5e-5"] and all(r[1] == "DuDe" for r in rows)
+    assert rows[0][2:4] == ["1.20×", "yes"] and rows[0][-1] == "**adopt 1e-4**"
+    assert rows[1][2:4] == ["2.00×", "no"] and rows[1][-1] == "keep DuDe's rate"  # forgets less, learns less
+    results["DuDe-1e-4"] = _runs(0.048, 1.8, base)  # comparable, but no less forgetting
+    assert rate_choices(arms, on_split(results, "validation"), on_split(base, "validation"))[0][-1] == \
+        "keep DuDe's rate"
 
 
 def test_setup_text_lists_only_the_grids_that_differ_from_lrs():

@@ -12,7 +12,8 @@ import pytest
 
 from peft_ext import read_jsonl, sample_key
 from trl_recipes.data import (CALIBRATION_FILES, DATA_DIR, KNOWLEDGE_EVAL_FILE, KNOWLEDGE_EVAL_FILES,
-                              KPM_CALIBRATION_FILE, TEST_FILE, TRAIN_FILE)
+                              KNOWLEDGE_FINAL_FILE, KPM_CALIBRATION_FILE, TASK_EVAL_FILES, TEST_FILE, TRAIN_FILE,
+                              FINAL_TEST_FILE)
 
 from .helpers import ROOT, SMOL
 
@@ -27,7 +28,8 @@ def test_every_packaged_file_has_provenance_with_its_sha256():
     files = sorted(glob.glob(os.path.join(DATA_DIR, "*.jsonl")))
     assert {os.path.basename(f) for f in files} >= {os.path.basename(f) for f in (TRAIN_FILE, TEST_FILE,
                                                                                  KPM_CALIBRATION_FILE,
-                                                                                 KNOWLEDGE_EVAL_FILE)}
+                                                                                 KNOWLEDGE_EVAL_FILE, FINAL_TEST_FILE,
+                                                                                 KNOWLEDGE_FINAL_FILE)}
     for path in files:
         name = os.path.basename(path)
         row = next((line for line in PROVENANCE.splitlines() if line.startswith(f"| `{name}` |")), None)
@@ -44,7 +46,11 @@ def test_no_calibration_slice_shares_a_question_with_a_knowledge_evaluation_slic
         for knowledge in KNOWLEDGE_EVAL_FILES:
             shared = _keys(calibration) & _keys(knowledge)
             assert len(shared) == 0, (os.path.basename(calibration), os.path.basename(knowledge), sorted(shared)[:3])
-    assert not _keys(TRAIN_FILE) & _keys(TEST_FILE)  # the task evaluation is held out from the training data
+    for task in TASK_EVAL_FILES:  # the task evaluation sets are held out from the training data
+        assert not _keys(TRAIN_FILE) & _keys(task), os.path.basename(task)
+    # the validation slices (where benchmarks choose) share nothing with the final test slices (where they report)
+    assert not _keys(FINAL_TEST_FILE) & _keys(TEST_FILE)
+    assert not _keys(KNOWLEDGE_FINAL_FILE) & _keys(KNOWLEDGE_EVAL_FILE)
 
 
 def test_the_overlap_check_sees_a_shared_question():

@@ -26,7 +26,7 @@ def test_paired_differences_and_early_loss():
 
 @pytest.mark.parametrize("kpm_gain,kpm_forget,expected", [
     (0.60, 0.00, "holds"),                          # forgets less, same gain
-    (0.40, 0.00, "not at comparable task gain"),    # forgets less but learns much less
+    (0.30, 0.00, "not at comparable task gain"),    # forgets less but learns much less (1.33x the task NLL)
     (0.60, 0.40, "does not hold"),                  # forgets more
     (0.60, 0.195, "not shown (within noise)"),      # a difference inside the seeds' noise
 ])
@@ -82,6 +82,27 @@ def test_recipe_forgetting_verdict_rule():
         "does not hold"
     assert claim([{"task_nll": 0.9 + j, "knowledge_nll": 4.5 + j} for j in (0.0, 0.02, -0.01)], lora, base)[1] == \
         "not at comparable task gain"
+
+
+def test_comparable_gain_rejects_an_arm_the_share_of_gain_rule_passed():
+    """The recorded task NLLs of recipe_forgetting_frozenA_rates (base 0.995): LoRA at 2e-4 kept 92% of the 5e-4
+    recipe's gain, so ">= 90% of the gain" called it comparable with 2.5x the task NLL; the ratio rule rejects it and
+    keeps LoRA at 4e-4 (1.15x)."""
+    from benchmarks.verdicts import COMPARABLE_TASK_NLL_RATIO, comparable_gain
+
+    base, lora = 0.995, [0.049, 0.048, 0.045]
+    lora_2e4, lora_4e4 = [0.127, 0.118, 0.111], [0.058, 0.053, 0.052]
+    assert (base - sum(lora_2e4) / 3) / (base - sum(lora) / 3) > 0.9  # the old rule passed it
+    ok, ratio = comparable_gain(lora_2e4, lora)
+    assert not ok and ratio == pytest.approx(2.5, abs=0.05) and COMPARABLE_TASK_NLL_RATIO == 1.25
+    ok, ratio = comparable_gain(lora_4e4, lora)
+    assert ok and ratio == pytest.approx(1.15, abs=0.01)
+    rejected = [{"task_nll": t, "knowledge_nll": 4.0} for t in lora_2e4]  # forgets far less, learns far less
+    from benchmarks.recipe_forgetting import claim
+
+    verdict = claim(rejected, [{"task_nll": t, "knowledge_nll": 4.6 + t} for t in lora], {"task_nll": base,
+                                                                                          "knowledge_nll": 3.9})
+    assert verdict[1] == "not at comparable task gain" and "2.51× LoRA's" in verdict[2]
 
 
 def test_forgetting_at_gain_interpolates_between_the_bracketing_rates():

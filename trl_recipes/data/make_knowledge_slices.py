@@ -13,6 +13,8 @@ The slices, and why each is what it is (PROVENANCE.md beside this file gives the
 * `efficientqa_knowledge_eval.jsonl`: the first 200 EfficientQA dev records (file order) whose question is not an
   NQ-open dev question (lower case, outer spaces stripped): the knowledge set of `benchmarks.recipe_forgetting`,
   disjoint from the whole NQ-open dev file the calibration slice comes from.
+* `efficientqa_knowledge_final.jsonl`: the next 200 such records: the final knowledge test set. The recipes'
+  rates were chosen on `efficientqa_knowledge_eval.jsonl`, which benchmarks now use as their validation split.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ def calibration_slice(dev: list[dict]) -> list[dict]:
     return [dev[i] for i in order[:CALIBRATION_SAMPLES]]
 
 
-def knowledge_slice(dev: list[dict], efficientqa: list[dict]) -> list[dict]:
+def knowledge_slices(dev: list[dict], efficientqa: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(eval, final): the first 200 EfficientQA dev records whose question is not in NQ-open dev, the next 200."""
     seen = {r["question"].strip().lower() for r in dev}
-    return [r for r in efficientqa if r["question"].strip().lower() not in seen][:KNOWLEDGE_EXAMPLES]
+    pool = [r for r in efficientqa if r["question"].strip().lower() not in seen]
+    return pool[:KNOWLEDGE_EXAMPLES], pool[KNOWLEDGE_EXAMPLES:2 * KNOWLEDGE_EXAMPLES]
 
 
 def write(name: str, records: list[dict]) -> None:
@@ -52,7 +56,9 @@ def main(argv=None) -> None:
     dev = read_jsonl(os.path.join(args.nq_open_dir, "NQ-open.dev.jsonl"))
     efficientqa = read_jsonl(os.path.join(args.nq_open_dir, "NQ-open.efficientqa.dev.1.1.jsonl"))
     write("nq_open_kpm_calibration.jsonl", calibration_slice(dev))
-    write("efficientqa_knowledge_eval.jsonl", knowledge_slice(dev, efficientqa))
+    evaluation, final = knowledge_slices(dev, efficientqa)
+    write("efficientqa_knowledge_eval.jsonl", evaluation)
+    write("efficientqa_knowledge_final.jsonl", final)
 
 
 if __name__ == "__main__":
