@@ -17,6 +17,7 @@ from torch import nn
 from .dispatch import create_peft_ext_layer
 from .layer import LEGACY_PEFT_EXT_INIT, PEFT_EXT_INIT
 from .model_card import add_to_model_card
+from .rank_budget import RANK_ALLOCATIONS
 
 
 __version__ = "0.1.0"
@@ -142,6 +143,29 @@ class PeftExtConfig(LoraConfig):
         },
     )
 
+    rank_allocation: str = field(
+        default="uniform",
+        metadata={
+            "help": (
+                "'uniform': every target gets r (or its rank_pattern entry). 'budgeted': get_peft_model gives each "
+                "target its own rank from the spectrum its init decomposes (most energy per parameter for DuDe and "
+                "CorDA-IPM, least context energy for CorDA-KPM), at most rank_cap·r, with the trainable parameters of "
+                "uniform r; the result is saved as rank_pattern/alpha_pattern (scaling stays lora_alpha / r), so "
+                "reload and export are plain peft. See peft_ext.rank_budget and docs/ranks.md."
+            )
+        },
+    )
+    rank_cap: float = field(
+        default=2.0,
+        metadata={"help": "rank_allocation='budgeted' only: a layer gets at most ⌊rank_cap·r⌋ (like EVA's rho), "
+                          "and at most 256 so that an export (rank 2·r_l) stays servable by vLLM (512)."},
+    )
+    rank_allocation_summary: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Set by get_peft_model with rank_allocation='budgeted': the budget, the parameters spent, "
+                          "the energy captured against uniform r. Once set, rank_pattern is used as it is."},
+    )
+
     peft_ext_runtime: InitRuntime = field(
         default_factory=InitRuntime, init=False, repr=False, compare=False,
         metadata={"help": "Run-time state (see InitRuntime); never saved."},
@@ -163,6 +187,7 @@ class PeftExtConfig(LoraConfig):
     def __post_init__(self):
         cls_name = type(self).__name__
         self._check_ranks(cls_name)  # before peft's checks: ours name the fix for these adapters
+        self._check_rank_allocation(cls_name)
         self._check_lora_options(cls_name)
         super().__post_init__()
         if not self.peft_ext_method:
@@ -193,6 +218,21 @@ class PeftExtConfig(LoraConfig):
                 )
         # every matched module goes through our dispatcher: the right layer class, or a clear error
         self._register_custom_module({nn.Module: create_peft_ext_layer})
+
+    def _check_rank_allocation(self, cls_name: str) -> None:
+        """rank_allocation and rank_cap; a budgeted config that has not allocated yet takes no patterns of its own."""
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(f"{cls_name}: rank_allocation={self.rank_allocation!r}. Fix: one of {RANK_ALLOCATIONS}.")
+        if isinstance(self.rank_cap, bool) or not isinstance(self.rank_cap, (int, float)) or not self.rank_cap >= 1:
+            raise ValueError(f"{cls_name}: rank_cap={self.rank_cap!r}. Fix: a number >= 1 (a layer gets at most "
+                             f"rank_cap·r; 2 as EVA's rho=2).")
+        if self.rank_allocation == "budgeted" and self.rank_allocation_summary is None:
+            given = [name for name in ("rank_pattern", "alpha_pattern") if getattr(self, name)]
+            if given:
+                raise ValueError(
+                    f"{cls_name}: rank_allocation='budgeted' with {' and '.join(given)} set. The allocation writes "
+                    f"both from the spectra. Fix: leave {' and '.join(given)} empty, or use rank_allocation='uniform'."
+                )
 
     def _check_ranks(self, cls_name: str) -> None:
         """r, rank_pattern and lora_alpha: positive numbers, checked here instead of failing inside the init."""
@@ -231,10 +271,16 @@ class PeftExtConfig(LoraConfig):
 
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Method-specific: init factors (A0 of shape (r, in), B0 of shape (out, r), float32) for one target whose
-        base weight is `weight` (out, in, float32). The residual becomes W − scaling·B0·A0."""
+        base weight is `weight` (out, in, float32), and the energy share of each of the r components (float32, (r,),
+        see `rank_budget.energy_shares`). The residual becomes W − scaling·B0·A0."""
         raise TypeError(f"{type(self).__name__} does not define an initialisation; use DuDeConfig or CorDAConfig.")
+
+    def keeps_largest_components(self) -> bool:
+        """Whether the adapter trains its decomposition's largest components (the budgeted allocation's objective);
+        its factors run from the largest component to the smallest either way."""
+        return True
 
     def frozen_adapter_weights(self) -> tuple[str, ...]:
         """The adapter weights (peft's names, e.g. "lora_A") that stay at their init: peft keeps them frozen through

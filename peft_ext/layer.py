@@ -24,7 +24,8 @@ from .base_weight import (decomposable_weight, rebase_residual_, same_weight, we
 from .distributed import broadcast_, dist_info
 from .injection import Injection
 from .sharded_init import decompose_deferred, shards_decomposition
-from .targets import check_rank_fits
+from . import rank_budget
+from .targets import check_rank_fits, target_shape
 from .variants import PeftExtDoraVariant
 
 
@@ -53,6 +54,7 @@ class _InitState:
     check_base: bool = True  # refuse a state dict whose fingerprint is another base weight's
     applied: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A0, B0) the residual holds, once committed
     deferred: bool = False  # factors not computed yet: a sharded decomposition fills them at commit
+    spectrum: Optional[torch.Tensor] = None  # energy share of each component (rank_budget), until the allocation
 
 
 class ResidualInitMixin:
@@ -85,6 +87,9 @@ class ResidualInitMixin:
             return super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
         existed = adapter_name in self.lora_A or adapter_name in self._peft_ext_state  # never undone by this call
+        if rank_budget.pending(config):  # created at its provisional rank, shrunk at the first commit
+            r = rank_budget.provisional_rank(config, r, *target_shape(self.get_base_layer()))
+            lora_alpha = rank_budget.alpha_for(config, r)
         try:
             state = self._prepare(r, lora_alpha, config, kwargs.get("target_name") or "<unnamed>")
             self._peft_ext_state[adapter_name] = state
@@ -138,30 +143,35 @@ class ResidualInitMixin:
             if deferred:  # filled at commit by `sharded_init.decompose_deferred`, each rank computing its share
                 lora_A = torch.zeros(r, in_features, device=W.device)
                 lora_B = torch.zeros(out_features, r, device=W.device)
+                spectrum = torch.zeros(r, device=W.device)
             else:
-                lora_A, lora_B = self._init_factors(config, W, r, scaling, name)
+                lora_A, lora_B, spectrum = self._init_factors(config, W, r, scaling, name)
             magnitude = torch.linalg.vector_norm(W, dim=1)
         if hasattr(base.weight, "ds_id") and dist_info()[1] > 1:
             # ZeRO-3: every rank read the same gathered weight; make the result identical by construction
-            for t in (magnitude,) if deferred else (lora_A, lora_B, magnitude):
-                broadcast_(t, src=0)
+            for t in (magnitude,) if deferred else (lora_A, lora_B, magnitude, spectrum):
+                if t is not None:
+                    broadcast_(t, src=0)
         return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source, name=name, method=method,
-                          fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base, deferred=deferred)
+                          fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base, deferred=deferred,
+                          spectrum=spectrum)
 
-    def decompose(self, state: _InitState) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A0, B0) of a deferred adapter: its weight read again (gathered by the caller under ZeRO-3) and the
-        method's decomposition."""
+    def decompose(self, state: _InitState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A0, B0, energy shares) of a deferred adapter: its weight read again (gathered by the caller under ZeRO-3)
+        and the method's decomposition."""
         W, _ = decomposable_weight(self.get_base_layer(), self.fan_in_fan_out, name=state.name, method=state.method,
                                    float_weights_path=state.config.float_weights_path)
         return self._init_factors(state.config, W, state.lora_A.shape[0], state.scaling, state.name)
 
     @torch.no_grad()
-    def fill_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    def fill_factors(self, adapter_name: str, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                     spectrum: torch.Tensor) -> None:
         """A deferred adapter receives its factors: the init state, the init buffers and the trainable factors
         (unless they are still empty meta parameters, which `_materialize` fills at commit)."""
         state = self.residual_init_states()[adapter_name]
         state.lora_A.copy_(lora_A)
         state.lora_B.copy_(lora_B)
+        state.spectrum.copy_(spectrum)
         state.deferred = False
         targets = [self.lora_init_A[adapter_name], self.lora_init_B[adapter_name],
                    self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight]
@@ -170,7 +180,8 @@ class ResidualInitMixin:
                 target.copy_(value)
 
     def _init_factors(self, config, W: torch.Tensor, r: int, scaling: float, name: str):
-        """(A0, B0), contiguous float32: the saved ones when the adapter is being reloaded, else the method's."""
+        """(A0, B0, energy shares), contiguous float32: the saved ones when the adapter is being reloaded (no
+        shares: a saved adapter's ranks are settled), else the method's."""
         method, (out_features, in_features) = config.peft_ext_method, W.shape
         stored = (config.peft_ext_runtime.stored_init or {}).get(name)
         if stored is not None:
@@ -181,14 +192,36 @@ class ResidualInitMixin:
                     f"{tuple(lora_A.shape)}/{tuple(lora_B.shape)}, but the model needs ({r}, {in_features})/"
                     f"({out_features}, {r}). Fix: load the adapter onto the base model it was trained from."
                 )
+            spectrum = None
         else:
-            lora_A, lora_B = config.compute_init_factors(self, W, r=r, scaling=scaling, name=name)
+            lora_A, lora_B, spectrum = config.compute_init_factors(self, W, r=r, scaling=scaling, name=name)
         if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
             raise ValueError(
                 f"peft_ext {method}: the decomposition of layer '{name}' produced NaN/Inf factors. "
                 f"Fix: check the base weight (and the calibration data for CorDA)."
             )
-        return lora_A.contiguous(), lora_B.contiguous()
+        return lora_A.contiguous(), lora_B.contiguous(), spectrum
+
+    @torch.no_grad()
+    def keep_components(self, adapter_name: str, r: int, *, last: bool, lora_alpha: float) -> None:
+        """Shrink a created, uncommitted adapter to r of its components (the first r, or the `last` r): the init
+        state and buffers, peft's trainable factors (new modules, on the meta device if they were there) and its
+        rank and alpha; the scaling is unchanged (`rank_budget.alpha_for`). Nothing was written to the base weight."""
+        state = self.residual_init_states()[adapter_name]
+        old = state.lora_A.shape[0]
+        keep = slice(old - r, old) if last else slice(0, r)
+        state.lora_A, state.lora_B = state.lora_A[keep].contiguous(), state.lora_B[:, keep].contiguous()
+        state.spectrum = None
+        self.lora_init_A[adapter_name], self.lora_init_B[adapter_name] = state.lora_A, state.lora_B
+        for modules, value in ((self.lora_A, state.lora_A), (self.lora_B, state.lora_B)):
+            weight = modules[adapter_name].weight
+            new = nn.Linear(value.shape[1], value.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+            if not weight.is_meta:
+                new.weight.copy_(value)
+            new.weight.requires_grad_(weight.requires_grad)
+            modules[adapter_name] = new
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self._freeze_non_trainable_peft_weights(adapter_name)  # a frozen A stays frozen in its new module
 
     def reset_lora_parameters(self, adapter_name, init_lora_weights):
         state = self.residual_init_states().get(adapter_name)
@@ -213,6 +246,8 @@ class ResidualInitMixin:
                 continue
             if state.deferred:  # the first commit of a sharded injection decomposes every layer of it
                 decompose_deferred(state.config.peft_ext_runtime, state.method)
+            if rank_budget.pending(state.config):  # the first commit of a budgeted injection shrinks every layer
+                self._allocate(state.config)
             self._materialize(adapter_name, state)
             write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out,
                             float_source=state.float_source, method=state.method)
@@ -224,6 +259,15 @@ class ResidualInitMixin:
             if runtime is not None and runtime.injection is not None and runtime.injection.commit(self):
                 runtime.injection = None  # this was the injection's last layer
                 config._injection_finished()
+
+    @staticmethod
+    def _allocate(config) -> None:
+        """`rank_budget.allocate_injection`, the injection rolled back on any error."""
+        try:
+            rank_budget.allocate_injection(config.peft_ext_runtime, config)
+        except BaseException:
+            config.peft_ext_runtime.abort()
+            raise
 
     def _materialize(self, adapter_name: str, state: _InitState) -> None:
         """`get_peft_model(..., low_cpu_mem_usage=True)` creates the adapter's parameters on the meta device (peft

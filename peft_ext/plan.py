@@ -1,11 +1,14 @@
 """Capacity planner for DuDe / CorDA init, from a model's config alone (no weights are loaded):
 
     python -m peft_ext.plan --model_config <config.json or model dir> --method corda|dude --samples 256 \\
-        --max_length 1024 --world 8 [--dtype bf16] [--r 16] [--target_modules all-linear]
+        --max_length 1024 --world 8 [--dtype bf16] [--r 16] [--target_modules all-linear] \\
+        [--rank_allocation budgeted --rank_cap 2]
 
 prints, per rank: the extra peak memory of the calibration (block by block, whole-model, and peft's
-`preprocess_corda`), the cached-activation size, and the decomposition FLOPs (sharded over `--world` ranks, and on
-one rank).
+`preprocess_corda`), the cached-activation size, the decomposition FLOPs (sharded over `--world` ranks, and on
+one rank), and the adapter's factors: the trainable-parameter budget and the init factors held until every layer is
+decomposed (with budgeted ranks each layer is decomposed at its cap, min(⌊rank_cap·r⌋, 256, min(out, in)), and
+shrunk to its allocated rank at the first commit; block by block, the calibration holds them until get_peft_model).
 
 How it knows the shapes and the distinct inputs: the model is built on the meta device (no memory) and its first
 decoder block runs once on meta tensors with pre-hooks on its targets, as the calibration's collector does; layers that
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 
 from .corda.blocks import find_blocks
+from .rank_budget import capped_rank
 from .sharding import assign_owners
 from .targets import target_module_names, target_shape
 
@@ -164,21 +168,27 @@ def workspace_bytes(layer: Layer, method: str) -> float:
 
 
 def plan(shape: ModelShape, *, method: str, samples: int, max_length: int, world: int, act_bytes: int,
-         cov_bytes: int = 4, r: int = 16, niter=None, oversample: int = 8) -> dict:
-    """The planner's numbers (bytes and FLOPs) for one configuration."""
+         cov_bytes: int = 4, r: int = 16, niter=None, oversample: int = 8, rank_cap: float | None = None) -> dict:
+    """The planner's numbers (bytes and FLOPs) for one configuration; `rank_cap`: budgeted ranks with that cap
+    (None: uniform r)."""
+    ranks = [r if rank_cap is None else capped_rank(rank_cap, r, layer.out_features, layer.in_features)
+             for layer in shape.layers]  # the rank each layer is decomposed at
     seen_groups: set = set()
     flops = []
-    for layer in shape.layers:
+    for layer, rank in zip(shape.layers, ranks):
         if method == "corda":
             flops.append(corda_flops(layer, layer.group not in seen_groups))
             seen_groups.add(layer.group)
         else:
-            flops.append(dude_flops(layer, r, niter, oversample))
+            flops.append(dude_flops(layer, rank, niter, oversample))
     owners = assign_owners(flops, world)
     per_rank = [sum(f for f, o in zip(flops, owners) if o == k) for k in range(world)]
     workspace = max(workspace_bytes(layer, method) for layer in shape.layers)
     out = {"decomposition_flops_per_rank": max(per_rank), "decomposition_flops_one_rank": sum(flops),
-           "workspace_bytes": workspace}
+           "workspace_bytes": workspace,
+           "adapter_parameters": sum(r * (layer.in_features + layer.out_features) for layer in shape.layers),
+           "init_factor_bytes": sum(4.0 * k * (layer.in_features + layer.out_features)
+                                    for layer, k in zip(shape.layers, ranks))}
     if method == "corda":
         covs = [cov_bytes * d * d for d in shape.group_dims]
         per_block = [sum(c for c, b in zip(covs, shape.group_blocks) if b == k) for k in range(shape.blocks)]
@@ -215,6 +225,11 @@ def format_table(shape: ModelShape, numbers: dict, args) -> str:
         f"| decomposition, sharded over {args.world} ranks | {numbers['decomposition_flops_per_rank'] / 1e12:.2f} "
         f"TFLOP |",
         f"| decomposition, one rank doing all | {numbers['decomposition_flops_one_rank'] / 1e12:.2f} TFLOP |",
+        f"| adapter parameters (A and B{', budget of the allocation, within 1%' if args.rank_allocation == 'budgeted' else ''}) | "
+        f"{numbers['adapter_parameters'] / 1e6:.2f} M |",
+        f"| init factors held until every layer is decomposed (float32"
+        f"{f', each at its cap of rank_cap {args.rank_cap:g}' if args.rank_allocation == 'budgeted' else ''}) | "
+        f"{numbers['init_factor_bytes'] / GB:.3f} GB |",
     ]
     return "\n".join(lines)
 
@@ -231,7 +246,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--target_modules", default="all-linear")
     ap.add_argument("--svd_niter", type=int, default=None, help="DuDe: randomized SVD power iterations")
+    ap.add_argument("--rank_allocation", choices=["uniform", "budgeted"], default="uniform")
+    ap.add_argument("--rank_cap", type=float, default=2.0, help="budgeted: a layer's rank is at most rank_cap·r")
     args = ap.parse_args(argv)
+    if args.rank_cap < 1:
+        ap.error(f"--rank_cap must be >= 1 (got {args.rank_cap})")
     for flag in ("samples", "max_length", "world", "r"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
@@ -241,7 +260,8 @@ def main(argv=None) -> dict:
     shape = model_shape(load_model_config(args.model_config), DuDeConfig(r=args.r, target_modules=targets))
     numbers = plan(shape, method=args.method, samples=args.samples, max_length=args.max_length, world=args.world,
                    act_bytes=4 if args.dtype == "fp32" else 2, cov_bytes=8 if args.covariance_dtype == "fp64" else 4,
-                   r=args.r, niter=args.svd_niter)
+                   r=args.r, niter=args.svd_niter,
+                   rank_cap=args.rank_cap if args.rank_allocation == "budgeted" else None)
     print(format_table(shape, numbers, args))
     return numbers
 

@@ -38,7 +38,7 @@ def decompose_deferred(runtime, method: str) -> None:
         (r, in_features), out_features = state.lora_A.shape, state.lora_B.shape[0]
         jobs.append(Job(
             name=state.name, cost=decomposition_cost(out_features, in_features),
-            shapes=((r, in_features), (out_features, r)), compute=partial(layer.decompose, state),
+            shapes=((r, in_features), (out_features, r), (r,)), compute=partial(layer.decompose, state),
             gather=partial(gather_params_ctx, layer.get_base_layer().weight, modifier_rank=None),
             device=state.lora_A.device,
         ))
@@ -47,5 +47,5 @@ def decompose_deferred(runtime, method: str) -> None:
     except BaseException:
         runtime.abort()
         raise
-    for (layer, adapter), (lora_A, lora_B) in zip(entries, results):
-        layer.fill_factors(adapter, lora_A, lora_B)
+    for (layer, adapter), (lora_A, lora_B, spectrum) in zip(entries, results):
+        layer.fill_factors(adapter, lora_A, lora_B, spectrum)

@@ -8,6 +8,7 @@ import math
 
 from torch import nn
 
+from . import rank_budget
 from ._compat import Conv1D, check_target_module_exists, get_pattern_key, maybe_include_all_linear_layers
 
 
@@ -28,11 +29,15 @@ def expect_targets(model: nn.Module, config) -> int:
     return n
 
 
-def rank_and_scaling(config, name: str) -> tuple[int, float]:
-    """(r, scaling) that get_peft_model gives layer `name`: rank_pattern / alpha_pattern as peft's LoraModel matches
-    them, then alpha / r (alpha / sqrt(r) with use_rslora)."""
+def rank_and_scaling(config, name: str, shape: tuple[int, int] | None = None) -> tuple[int, float]:
+    """(r, scaling) that get_peft_model gives layer `name` (of (out, in) `shape`) when it decomposes it: rank_pattern /
+    alpha_pattern as peft's LoraModel matches them, then alpha / r (alpha / sqrt(r) with use_rslora); for a budgeted
+    config that has not allocated yet, the layer's provisional rank at the same scaling (`peft_ext.rank_budget`)."""
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    if shape is not None and rank_budget.pending(config):
+        r = rank_budget.provisional_rank(config, r, *shape)
+        alpha = rank_budget.alpha_for(config, r)
     return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
 
 

@@ -63,3 +63,37 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--method", "dude", "--model_config", str(tmp_path), "--world", "0"])
     assert exc.value.code == 2 and "--world must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_budgeted_ranks_are_accounted_for(arch, monkeypatch, capsys, tmp_path):
+    """The planner's adapter budget is the one a budgeted get_peft_model spends (within 1%), and the init factors it
+    says are held are the provisional factors the injection really decomposed before it shrank them."""
+    from peft import get_peft_model
+
+    from peft_ext import DuDeConfig
+    from peft_ext.layer import ResidualInitMixin
+
+    held = []
+    keep = ResidualInitMixin.keep_components
+
+    def recording(self, adapter_name, r, **kwargs):
+        state = self.residual_init_states()[adapter_name]
+        held.append(state.lora_A.numel() + state.lora_B.numel())
+        return keep(self, adapter_name, r, **kwargs)
+
+    monkeypatch.setattr(ResidualInitMixin, "keep_components", recording)
+    model = make_tiny(arch)
+    config = DuDeConfig(r=8, target_modules="all-linear", rank_allocation="budgeted", rank_cap=3)
+    shape = model_shape(model.config, config)
+    numbers = plan(shape, method="dude", samples=1, max_length=1, world=1, act_bytes=2, r=8, rank_cap=3)
+    uniform = plan(shape, method="dude", samples=1, max_length=1, world=1, act_bytes=2, r=8)
+    get_peft_model(model, config)
+    summary = config.rank_allocation_summary
+    assert numbers["adapter_parameters"] == summary["budget_parameters"] == uniform["adapter_parameters"]
+    assert abs(summary["parameters"] - numbers["adapter_parameters"]) <= 0.01 * numbers["adapter_parameters"]
+    assert numbers["init_factor_bytes"] == 4 * sum(held) > uniform["init_factor_bytes"]
+    model.config.save_pretrained(tmp_path)
+    main(["--model_config", str(tmp_path), "--method", "dude", "--r", "8",
+          "--rank_allocation", "budgeted", "--rank_cap", "3"])
+    assert "budget of the allocation, within 1%" in capsys.readouterr().out

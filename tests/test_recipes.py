@@ -18,6 +18,9 @@ from .helpers import FAST, RECIPES, ROOT, SMOL, assert_adapter_and_export_agree,
     ("pissa", "lora/config_cpu.yaml", ["--peft_method", "pissa"]),
     ("dora", "dora/config_cpu.yaml", []),
     ("dude", "dude/config_cpu.yaml", []),
+    # peft's EVA (the published budgeted init) on the calibration records, after TRL built the adapter
+    ("eva", "lora/config_cpu.yaml", ["--peft_method", "eva", "--calibration_samples", "16",
+                                     "--calibration_batch_size", "4"]),
     ("corda", "corda/config_ipm_cpu.yaml", ["--calibration_samples", "16"]),
     ("corda", "corda/config_ipm_cpu.yaml", ["--corda_method", "kpm", "--calibration_samples", "16",
                                             "--calibration_text_field", "prompt,completion"]),
@@ -36,7 +39,10 @@ def test_cli_two_steps_per_method(method, recipe, extra, tiny_model_dir, tmp_pat
     norms = metrics["init_factor_norms"]
     assert set(norms) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(n["layers"] == 2 and n["A"] > 0 for n in norms.values())
-    assert all((n["B"] == 0) == (method in ("lora", "dora")) for n in norms.values())  # LoRA's B starts at zero
+    assert all((n["B"] == 0) == (method in ("lora", "dora", "eva")) for n in norms.values())  # B starts at zero
+    if method == "eva":  # EVA's A: the top right-singular vectors of each layer's inputs, ranks redistributed
+        saved = json.load(open(out / "adapter" / "adapter_config.json"))
+        assert saved["init_lora_weights"] == "eva" and saved["eva_config"]["rho"] == 2.0 and saved["rank_pattern"]
     assert "before:" in proc.stdout and "after:" in proc.stdout
     if method == "corda" and "peft" not in extra:  # CorDAConfig's default, saved: KPM keeps A frozen, IPM trains it
         saved = json.load(open(out / "adapter" / "adapter_config.json"))
@@ -451,6 +457,23 @@ def test_peft_corda_arm_config():
     assert config.corda_config.corda_method == "kpm" and config.corda_config.covariance_file == "cov.pt"
     with pytest.raises(ValueError, match="--corda_implementation 'x'"):
         PeftMethodArguments(peft_method="corda", corda_implementation="x")
+
+
+def test_rank_allocation_flags_reach_the_peft_ext_configs_only():
+    from trl import ModelConfig
+
+    from trl_recipes.args import PeftMethodArguments, get_peft_config
+
+    model_args = ModelConfig(lora_r=4, lora_alpha=8)
+    for method in ("dude", "corda"):
+        config = get_peft_config(model_args, PeftMethodArguments(peft_method=method, rank_allocation="budgeted",
+                                                                 rank_cap=3.0))
+        assert (config.rank_allocation, config.rank_cap) == ("budgeted", 3.0)
+    assert get_peft_config(model_args, PeftMethodArguments(peft_method="dude")).rank_allocation == "uniform"
+    for method, impl in (("lora", "peft_ext"), ("pissa", "peft_ext"), ("corda", "peft")):
+        with pytest.raises(ValueError, match=f"--peft_method {method} has uniform ranks"):
+            get_peft_config(model_args, PeftMethodArguments(peft_method=method, corda_implementation=impl,
+                                                            rank_allocation="budgeted"))
 
 
 @pytest.mark.parametrize("flag,key,expected", [

@@ -39,7 +39,7 @@ def test_owners_are_balanced_by_cost_and_deterministic():
 
 
 @pytest.mark.parametrize("case", ["dude-exact", "dude-randomized", "corda-kpm", "corda-ipm", "corda-kpm-sequential",
-                                  "corda-ipm-sequential"])
+                                  "corda-ipm-sequential", "dude-budgeted", "corda-kpm-budgeted-sequential"])
 def test_sharded_init_equals_single_process(case, tmp_path):
     sys.path.insert(0, os.path.dirname(SCRIPT))
     from sharded_init import build, calibration_batches, collect, config_for  # noqa: F401
@@ -67,6 +67,8 @@ def test_sharded_init_equals_single_process(case, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert len(single) == 21
+    if "budgeted" in case:  # the allocation saw the same spectra on every rank: ranks that differ from uniform r
+        assert len({t["A"].shape[0] for t in single.values()}) > 1
     for ranked in result["ranks"]:  # identical on every rank, and equal to one process
         assert ranked["layers"].keys() == single.keys()
         for name, tensors in single.items():

@@ -9,7 +9,7 @@ from peft import LoraConfig
 
 from peft_ext import SAMPLE_NORMALIZATIONS, CorDAConfig, DuDeConfig, peft_corda_config
 
-PEFT_METHODS = ("lora", "pissa", "dora", "dude", "corda")
+PEFT_METHODS = ("lora", "pissa", "dora", "dude", "corda", "eva")
 
 
 @dataclass
@@ -24,6 +24,18 @@ class PeftMethodArguments:
         metadata={"help": "pissa/dude/corda-ipm: randomized SVD with this many power iterations (default: exact SVD)."},
     )
     svd_seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD."})
+    rank_allocation: str = field(
+        default="uniform",
+        metadata={"help": "dude/corda: 'uniform' (--lora_r on every layer) or 'budgeted' (per-layer ranks from the "
+                          "spectra, the parameters of uniform r; see docs/ranks.md)."},
+    )
+    eva_rho: float = field(
+        default=2.0,
+        metadata={"help": "eva (peft's EVA, the published budgeted init, for comparisons): a layer's rank is at most "
+                          "eva_rho · lora_r; 1 keeps r everywhere. Its data: the calibration records."},
+    )
+    rank_cap: float = field(default=2.0, metadata={"help": "dude/corda, budgeted: a layer's rank is at most "
+                                                           "rank_cap · lora_r."})
     corda_method: str = field(default="ipm", metadata={"help": "corda: 'kpm' (knowledge-preserved) or 'ipm'."})
     corda_damping: float = field(default=0.01, metadata={"help": "corda: relative damping of the covariance."})
     corda_balance_factors: bool = field(
@@ -138,8 +150,18 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
     if isinstance(common["target_modules"], list) and common["target_modules"] == ["all-linear"]:
         common["target_modules"] = "all-linear"
     method = method_args.peft_method
+    ranks = dict(rank_allocation=method_args.rank_allocation, rank_cap=method_args.rank_cap)
+    if method_args.rank_allocation != "uniform" and (method not in ("dude", "corda")
+                                                     or method_args.corda_implementation == "peft"):
+        raise ValueError(f"--rank_allocation {method_args.rank_allocation} is a peft_ext option (dude, corda); "
+                         f"--peft_method {method} has uniform ranks. Fix: leave --rank_allocation uniform, or use "
+                         f"peft's EVA (rho) for LoRA.")
     if method == "lora":
         return LoraConfig(**common, use_dora=model_args.use_dora)
+    if method == "eva":
+        from peft import EvaConfig
+
+        return LoraConfig(**common, init_lora_weights="eva", eva_config=EvaConfig(rho=method_args.eva_rho))
     if method == "dora":
         return LoraConfig(**common, use_dora=True)
     if method == "pissa":
@@ -147,7 +169,7 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
         return LoraConfig(**common, init_lora_weights=init)
     if method == "dude":
         return DuDeConfig(**common, svd_niter=method_args.svd_niter, svd_seed=method_args.svd_seed,
-                          float_weights_path=float_weights_path)
+                          float_weights_path=float_weights_path, **ranks)
     if method_args.corda_implementation == "peft":
         return peft_corda_config(**common, corda_method=method_args.corda_method,
                                  covariance_file=method_args.calibration_cache)
@@ -155,4 +177,4 @@ def get_peft_config(model_args, method_args: PeftMethodArguments, float_weights_
                        corda_balance_factors=method_args.corda_balance_factors,
                        svd_niter=method_args.svd_niter if method_args.corda_method == "ipm" else None,
                        svd_seed=method_args.svd_seed, float_weights_path=float_weights_path,
-                       corda_train_A=method_args.train_lora_A)
+                       corda_train_A=method_args.train_lora_A, **ranks)

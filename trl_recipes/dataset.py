@@ -118,7 +118,8 @@ def prompt_and_reference(record: dict) -> tuple[list[dict], str]:
 
 
 def load_datasets(script_args, training_args, method_args):
-    """(train dataset, held-out records, CorDA calibration records or None) — validated before any work."""
+    """(train dataset, held-out records, CorDA's (or EVA's) calibration records or None) — validated before any
+    work."""
     from .data import TEST_FILE, TRAIN_FILE
 
     name = script_args.dataset_name or TRAIN_FILE
@@ -143,7 +144,7 @@ def load_datasets(script_args, training_args, method_args):
             held_out = [prompt_and_reference(r) for r in records]
         except DataError:
             held_out = []  # e.g. plain text data: nothing to answer
-    calibration = calibration_data(method_args, train) if method_args.peft_method == "corda" else None
+    calibration = calibration_data(method_args, train) if method_args.peft_method in ("corda", "eva") else None
     return train, held_out, calibration
 
 

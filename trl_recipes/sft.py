@@ -24,14 +24,14 @@ import sys
 import time
 
 from .args import PeftMethodArguments, get_peft_config
-from .calibration import calibrate_corda
+from .calibration import calibrate_corda, initialize_eva
 from .dataset import DataError, load_datasets
 from .distributed import end_processes, init_distributed_on_cpu
 from .models import load_model
 from .outputs import RunResult, finish_run
 from .quantized import check_quantization, float_weights_path
 from .recipe import DEFAULT_RECIPE, RecipeError, recipe_relative_flags, resolve_recipe
-from .trainer import build_trainer, check_frozen_A, fit_to_device
+from .trainer import build_trainer, check_frozen_A, fit_to_device, init_factor_norms
 
 
 def make_parser(subparsers=None):
@@ -102,6 +102,9 @@ def main(script_args, training_args, model_args, method_args) -> dict:
         calibrate_corda(model, peft_config, method_args, calibration, tokenizer, verbose=state.is_main_process)
     trainer, init_norms = build_trainer(model, tokenizer, train, peft_config, training_args, method_args,
                                         quantization is not None, state.is_main_process)
+    if method_args.peft_method == "eva":
+        initialize_eva(trainer.model, calibration, tokenizer, method_args, verbose=state.is_main_process)
+        init_norms = init_factor_norms(trainer.model)  # EVA's factors, not the ones before its init
     t0 = time.time()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     result = RunResult(method_args, script_args.dataset_name or TRAIN_FILE, model_path, training_args.output_dir,

@@ -107,7 +107,7 @@ class CorDAConfig(PeftExtConfig):
 
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calib = self.peft_ext_runtime.calibration
         if calib is None:
             raise ValueError(
@@ -125,6 +125,9 @@ class CorDAConfig(PeftExtConfig):
             return self._checked_ready_factors(name, ready, r, scaling, calib.settings)
         return decompose_member(group, weight, r=r, scaling=scaling, settings=self.decomposition_settings(),
                                 name=name)
+
+    def keeps_largest_components(self) -> bool:
+        return self.corda_method == "ipm"
 
     def frozen_adapter_weights(self) -> tuple[str, ...]:
         return () if self.corda_train_A else ("lora_A",)
@@ -152,7 +155,7 @@ class CorDAConfig(PeftExtConfig):
                 f"the covariances are not recomputed), or calibrate(..., sequential=False) to decompose in "
                 f"get_peft_model."
             )
-        return ready[0].clone(), ready[1].clone()
+        return ready[0].clone(), ready[1].clone(), ready[4].clone()
 
     def _injection_finished(self) -> None:
         super()._injection_finished()

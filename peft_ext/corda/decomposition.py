@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..linalg import _canonical_signs, randomized_svd
+from ..rank_budget import energy_shares
 
 
 def damped_cholesky(
@@ -67,9 +68,9 @@ def corda_factors(
     oversample: int = 8,
     seed: int = 0,
     balance: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A0 (r × in), B0 (out × r) for `weight` (out × in), its input covariance C and the Cholesky factor L of
-    C + shift·I (from `damped_cholesky`).
+    C + shift·I (from `damped_cholesky`), and each selected component's share of the context energy ‖W·C‖².
 
     Computed in the dtype of the covariance (float32, or float64 when it was accumulated in float64). `niter`
     selects a randomized SVD, which only IPM (the largest components) can use. `balance`: ‖b_i‖ = ‖a_i‖ for every
@@ -82,16 +83,17 @@ def corda_factors(
     else:
         U, S, Vh = selected_svd(WC, r, largest=method == "ipm")
     U, Vh = _canonical_signs(U, Vh)
+    shares = energy_shares(S.clamp_min(0), WC.double().square().sum())
     Vc = torch.cholesky_solve(Vh.mT, chol)  # C⁻¹ V_sel, (in × r)
     S = S.clamp_min(0) / scaling
     if not balance:
         root = S.sqrt()
-        return root.unsqueeze(1) * Vc.mT, U * root
+        return root.unsqueeze(1) * Vc.mT, U * root, shares
     # b_i a_iᵀ = (σ_i/s)·u_i (C⁻¹v_i)ᵀ = (σ_i/s)·‖C⁻¹v_i‖ · u_i ĉ_iᵀ with unit u_i, ĉ_i: split that norm evenly
     vc_norm = torch.linalg.vector_norm(Vc, dim=0)
     root = (S * vc_norm).sqrt()
     direction = Vc / torch.where(vc_norm > 0, vc_norm, torch.ones_like(vc_norm))
-    return root.unsqueeze(1) * direction.mT, U * root
+    return root.unsqueeze(1) * direction.mT, U * root, shares
 
 
 def selected_svd(M: torch.Tensor, r: int, *, largest: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,8 +122,8 @@ def selected_svd(M: torch.Tensor, r: int, *, largest: bool) -> tuple[torch.Tenso
 
 
 def decompose_member(group, weight: torch.Tensor, *, r: int, scaling: float, settings: dict,
-                     name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0, B0) in float32 for layer `name` (weight `weight`, float32 (out, in)) of a covariance group, with the CorDA
+                     name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A0, B0, energy shares) in float32 for layer `name` (weight `weight`, float32 (out, in)) of a covariance group, with the CorDA
     `settings` of its config (`CorDAConfig.decomposition_settings`)."""
     if group.dim != weight.shape[1]:
         raise ValueError(
@@ -129,9 +131,9 @@ def decompose_member(group, weight: torch.Tensor, *, r: int, scaling: float, set
             f"in_features={weight.shape[1]}. Fix: calibrate this model again."
         )
     chol, shift = group.cholesky(settings["corda_damping"], weight.device)
-    A0, B0 = corda_factors(weight, group.covariance.to(weight.device), chol, shift, r=r, scaling=scaling,
+    A0, B0, shares = corda_factors(weight, group.covariance.to(weight.device), chol, shift, r=r, scaling=scaling,
                            method=settings["corda_method"], niter=settings["svd_niter"],
                            oversample=settings["svd_oversample"], seed=settings["svd_seed"],
                            balance=settings["corda_balance_factors"])
     group.mark_decomposed(name)  # frees the Cholesky factor once every layer reading this input is done
-    return A0.float(), B0.float()
+    return A0.float(), B0.float(), shares

@@ -78,7 +78,8 @@ def calibrate_sequential(model: nn.Module, config, blocks: Blocks, batches: list
 def _check_ranks(config, modules: dict, names: list[str]) -> None:
     """Refused before any forward: a rank the decomposition of a layer cannot have (as get_peft_model would)."""
     for name in names:
-        check_rank_fits("corda", rank_and_scaling(config, name)[0], *target_shape(modules[name]), name)
+        shape = target_shape(modules[name])
+        check_rank_fits("corda", rank_and_scaling(config, name, shape)[0], *shape, name)
 
 
 def _run_block(block: nn.Module, where: str, names: list[str], inputs, masks: list[torch.Tensor],
@@ -120,8 +121,8 @@ def _finish_block(groups: list[CovarianceGroup], modules: dict, config, settings
     results = run_sharded(jobs, owners=owners, verbose=False)
     for g, out in zip(groups, results):
         for k, name in enumerate(g.members):
-            r, scaling = rank_and_scaling(config, name)
-            factors[name] = (out[2 * k], out[2 * k + 1], r, scaling)
+            r, scaling = rank_and_scaling(config, name, target_shape(modules[name]))
+            factors[name] = (out[3 * k], out[3 * k + 1], r, scaling, out[3 * k + 2])
         g.positive_definite, g.condition_estimate = bool(out[-1][0]), float(out[-1][1])
         if g.condition_estimate < 0:
             g.condition_estimate = None
@@ -148,22 +149,23 @@ def _group_job(group: CovarianceGroup, modules: dict, config, settings: dict) ->
     shapes = []
     for name in group.members:
         out_features, in_features = target_shape(modules[name])
-        r, _ = rank_and_scaling(config, name)
-        shapes += [(r, in_features), (out_features, r)]
+        r, _ = rank_and_scaling(config, name, (out_features, in_features))
+        shapes += [(r, in_features), (out_features, r), (r,)]
     device = modules[group.members[0]].weight.device
     return Job(name=group.members[0], cost=0.0, shapes=(*shapes, (2,)), device=device,
                compute=partial(_decompose_group, group, modules, config, settings), gather=contextlib.nullcontext)
 
 
 def _decompose_group(group: CovarianceGroup, modules: dict, config, settings: dict) -> tuple[torch.Tensor, ...]:
-    """On the group's owner: every member's (A0, B0), then (C positive definite, condition estimate or -1)."""
+    """On the group's owner: every member's (A0, B0, energy shares), then (C positive definite, condition estimate
+    or -1)."""
     diagnose(group)
     out = []
     for name in group.members:
         module = modules[name]
         W, _ = decomposable_weight(module, isinstance(module, Conv1D), name=name, method="corda",
                                    float_weights_path=config.float_weights_path)
-        r, scaling = rank_and_scaling(config, name)
+        r, scaling = rank_and_scaling(config, name, target_shape(module))
         out += decompose_member(group, W, r=r, scaling=scaling, settings=settings, name=name)
     cond = group.condition_estimate if group.condition_estimate is not None else -1.0
     return (*out, torch.tensor([float(bool(group.positive_definite)), cond], device=out[0].device))

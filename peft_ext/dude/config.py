@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import PeftExtConfig, override_field
 from ..linalg import top_r_svd
+from ..rank_budget import energy_shares
 
 
 @dataclass
@@ -50,7 +51,7 @@ class DuDeConfig(PeftExtConfig):
 
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         U, S, Vh = top_r_svd(weight, r, niter=self.svd_niter, oversample=self.svd_oversample, seed=self.svd_seed)
         root = (S / scaling).sqrt()
-        return root.unsqueeze(1) * Vh, U * root
+        return root.unsqueeze(1) * Vh, U * root, energy_shares(S, weight.double().square().sum())

@@ -4,7 +4,8 @@ by block. Saves, from rank 0, every layer's factors and residual, how many decom
 what a failure on one rank does to both.
 
 usage: sharded_init.py CASE OUT_PT
-  CASE: dude-exact | dude-randomized | corda-kpm | corda-ipm | corda-kpm-sequential | corda-ipm-sequential | failure
+  CASE: dude-exact | dude-randomized | corda-kpm | corda-ipm | corda-kpm-sequential | corda-ipm-sequential | failure,
+        or a case with "-budgeted" after the method (rank_allocation="budgeted"), e.g. corda-kpm-budgeted-sequential
 """
 
 import os
@@ -37,10 +38,12 @@ def count_decompositions() -> None:
 def config_for(case: str):
     from peft_ext import CorDAConfig, DuDeConfig
 
+    allocation = "budgeted" if "budgeted" in case else "uniform"
     if case.startswith("dude"):
-        return DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear",
+        return DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_allocation=allocation,
                           svd_niter=2 if case == "dude-randomized" else None)
-    return CorDAConfig(r=4, lora_alpha=8, target_modules="all-linear", corda_method=case.split("-")[1])
+    return CorDAConfig(r=4, lora_alpha=8, target_modules="all-linear", corda_method=case.split("-")[1],
+                       rank_allocation=allocation)
 
 
 def calibration_batches(rank: int = 0, world: int = 1) -> list:

@@ -21,10 +21,12 @@ def build(method, model, calibration_batches):
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     covariances = {}
+    allocation = "budgeted" if "budgeted" in method else "uniform"  # e.g. corda-ipm-budgeted-sequential
     if method == "dude":
         config = DuDeConfig(r=4, lora_alpha=8, target_modules=targets, svd_niter=2)
     else:
-        config = CorDAConfig(r=4, lora_alpha=8, target_modules=targets, corda_method=method.split("-")[1])
+        config = CorDAConfig(r=4, lora_alpha=8, target_modules=targets, corda_method=method.split("-")[1],
+                             rank_allocation=allocation)
         # float64 sums: 2 shards all-reduced and 1 pass over all of it then differ by less than 1e-6 even in KPM's
         # smallest components, which amplify the float32 rounding of a different summation order to ~2e-6
         sequential = method.endswith("sequential")
