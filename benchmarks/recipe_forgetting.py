@@ -12,7 +12,8 @@ test split (test_final.jsonl, efficientqa_knowledge_final.jsonl, 200) is where r
 exact match on the first 20 problems of test.jsonl (measured by trl_recipes.sft) is a validation number.
 The verdicts use compare_methods' rules (benchmarks/verdicts.py): a difference counts when it exceeds twice its
 standard error over seeds, paired by seed (a seed fixes the order of the training batches for every arm); comparable
-task gain means a task NLL at most 1.25x the reference's.
+task gain means a task NLL at most 1.25x the reference's. An arm with `--rank_allocation budgeted` is read against its
+uniform twin (and DuDe's and IPM's against every `--peft_method eva` arm) by `budget_rows`.
 
     python -m benchmarks.recipe_forgetting      # LoRA and CorDA-KPM, 3 seeds: ~40 min on 2 CPU cores
     python -m benchmarks.recipe_forgetting --arms "LoRA=lora/config_cpu.yaml;KPM-unbalanced=corda/config_kpm_cpu.yaml --corda_balance_factors false"
@@ -242,7 +243,8 @@ def run_job(args, slots: Slots, name: str) -> dict:
         metrics = json.load(open(os.path.join(out, "metrics.json")))
         result.update(em_before=metrics["held_out_exact_match_before"], em_after=metrics["held_out_exact_match_after"],
                       final_loss=metrics["final_loss"], seconds_per_step=metrics["seconds_per_step"],
-                      init_factor_norms=metrics.get("init_factor_norms"))
+                      init_factor_norms=metrics.get("init_factor_norms"),
+                      trainable_parameters=metrics.get("trainable_parameters"))
     return result
 
 
@@ -296,6 +298,51 @@ def rate_choices(arms: dict, results: dict, base: dict) -> list[list]:
     return rows
 
 
+def _without(flags: list[str], flag: str) -> tuple[list[str], str | None]:
+    """`flags` without `flag VALUE`, and VALUE (None when absent)."""
+    if flag not in flags[:-1]:
+        return flags, None
+    i = flags.index(flag)
+    return flags[:i] + flags[i + 2:], flags[i + 1]
+
+
+def _lower(diff) -> str:
+    return "holds" if diff[0] + 2 * diff[1] < 0 else "does not hold" if diff[0] - 2 * diff[1] > 0 else "not shown"
+
+
+def budget_rows(arms: dict, results: dict, base: dict) -> list[list]:
+    """Budgeted ranks against uniform (the plan of 4a7e371), on the final split: each arm with `--rank_allocation
+    budgeted` against the arm with the same recipe and flags without it, and (DuDe, IPM) against every EVA arm
+    (`--peft_method eva`). DuDe and IPM: a lower task NLL (paired, 2 s.e.); KPM: forgets no more at comparable gain.
+    Rows: [claim, verdict, evidence]."""
+    plain = {(recipe, tuple(flags)): name for name, (recipe, flags) in arms.items()}
+    evas = [name for name, (_, flags) in arms.items() if _without(flags, "--peft_method")[1] == "eva"]
+    rows = []
+    for name, (recipe, flags) in arms.items():
+        rest, allocation = _without(flags, "--rank_allocation")
+        ref = plain.get((recipe, tuple(rest)))
+        if allocation != "budgeted" or ref is None:
+            continue
+        mine = gain_and_forgetting(results[name], base)
+        if "kpm" in recipe:
+            theirs = gain_and_forgetting(results[ref], base)
+            ok, ratio = comparable_gain(mine["task_nll"], theirs["task_nll"])
+            diff = paired(mine["forget"], theirs["forget"])
+            verdict = ("not at comparable task gain" if not ok else
+                       "holds" if diff[0] - 2 * diff[1] <= 0 else "does not hold")
+            rows.append([f"{name} forgets no more than {ref} at comparable gain", f"**{verdict}**",
+                         f"knowledge change {fmt(mean_std(mine['forget']))} vs {fmt(mean_std(theirs['forget']))} "
+                         f"(paired {diff[0]:+.3f} ± {diff[1]:.3f}); task NLL {ratio:.2f}× {ref}'s"])
+            continue
+        for other in [ref, *evas]:
+            theirs = gain_and_forgetting(results[other], base)
+            diff = paired(mine["task_nll"], theirs["task_nll"])
+            rows.append([f"{name} reaches a lower task NLL than {other}", f"**{_lower(diff)}**",
+                         f"task NLL {fmt(mean_std(mine['task_nll']))} vs {fmt(mean_std(theirs['task_nll']))} "
+                         f"(paired {diff[0]:+.4f} ± {diff[1]:.4f})"])
+    return rows
+
+
 def results_table(arms: dict, results: dict, base: dict, final: bool) -> str:
     """Mean ± std over seeds of each arm on one split (the final split also shows the run's own numbers)."""
     lora = results.get("LoRA")
@@ -308,11 +355,13 @@ def results_table(arms: dict, results: dict, base: dict, final: bool) -> str:
         if final:
             row += [fmt(mean_std([r["em_after"] for r in runs]), 2),
                     "–" if any(r["final_loss"] is None for r in runs) else fmt(get("final_loss")),
-                    f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}"]
+                    f"{statistics.median(r['seconds_per_step'] for r in runs):.1f}",
+                    "–" if any(r.get("trainable_parameters") is None for r in runs)
+                    else f"{statistics.median(r['trainable_parameters'] for r in runs) / 1e6:.3f} M"]
         rows.append(row)
     head = ["arm", "recipe", "task answer NLL ↓", "× LoRA's", "knowledge gold NLL change ↓ (forgetting)"]
-    return markdown_table(head + (["exact match (20, validation) ↑", "final train loss", "s/step (median)"]
-                                  if final else []), rows)
+    return markdown_table(head + (["exact match (20, validation) ↑", "final train loss", "s/step (median)",
+                                   "trainable parameters"] if final else []), rows)
 
 
 def plane_text(arms: dict, results: dict, base: dict, out: str) -> list[str]:
@@ -367,6 +416,9 @@ def report(args, arms, base, results, wall_minutes, reuse_line="") -> None:
              "shipped forgetting", "paired difference ± s.e.", "decision"], choices))
     plane, equal_gain = plane_text(arms, results, base, args.out)
     parts += plane
+    budgets = budget_rows(arms, results, base)
+    if budgets:
+        parts.append("## Budgeted ranks (final test split)\n\n" + markdown_table(["claim", "verdict", "evidence"], budgets))
     write_report(args.out + ".md", "\n\n".join(parts), {"base": base, "results": results, "arms": arms,
                                                        "recipes": {a: recipe_digest(r) for a, (r, _) in arms.items()},
                                                        "equal_gain": equal_gain, "rate_choices": choices,

@@ -268,6 +268,30 @@ def test_rate_choices_adopt_a_rate_only_at_comparable_gain_with_less_forgetting_
         "keep DuDe's rate"
 
 
+def test_budget_rows_follow_the_plan_of_part_3():
+    """Budgeted DuDe against uniform DuDe and each EVA arm (lower task NLL, 2 s.e.); budgeted KPM against uniform KPM
+    (no more forgetting at comparable gain); arms without a uniform twin are not read."""
+    from benchmarks.recipe_forgetting import budget_rows
+
+    base = {"task_nll": 1.0, "knowledge_nll": 4.0}
+
+    def runs(task, forget):
+        return [{"task_nll": task + j, "knowledge_nll": 4.0 + forget + j} for j in (0.0, 0.001, -0.001)]
+
+    B, K, L = ["--rank_allocation", "budgeted"], "corda/config_kpm_cpu.yaml", "lora/config_cpu.yaml"
+    arms = {"DuDe": ("dude/config_cpu.yaml", []), "DuDe-budgeted": ("dude/config_cpu.yaml", B),
+            "KPM": (K, []), "KPM-budgeted": (K, B), "KPM-budgeted-fast": (K, [*B, "--learning_rate", "1e-2"]),
+            "EVA-rho2": (L, ["--peft_method", "eva", "--eva_rho", "2"])}
+    results = {"DuDe": runs(0.05, 1.0), "DuDe-budgeted": runs(0.04, 1.0), "KPM": runs(0.05, 0.1),
+               "KPM-budgeted": runs(0.055, 0.1), "KPM-budgeted-fast": runs(0.01, 2.0), "EVA-rho2": runs(0.03, 1.0)}
+    rows = {c: v for c, v, _ in budget_rows(arms, results, base)}
+    assert rows == {"DuDe-budgeted reaches a lower task NLL than DuDe": "**holds**",
+                    "DuDe-budgeted reaches a lower task NLL than EVA-rho2": "**does not hold**",
+                    "KPM-budgeted forgets no more than KPM at comparable gain": "**holds**"}
+    results["KPM-budgeted"] = runs(0.08, 0.0)  # forgets less, learns much less
+    assert budget_rows(arms, results, base)[-1][1] == "**not at comparable task gain**"
+
+
 def test_setup_text_lists_only_the_grids_that_differ_from_lrs():
     from benchmarks.compare_methods import build_parser, method_grids, setup_text
 
