@@ -56,6 +56,17 @@ def test_allocate_takes_the_best_share_per_parameter_within_budget_and_cap():
     assert sum(least[lay.name] * lay.cost for lay in layers) <= 150 and least["costly"] >= 1
 
 
+def test_the_cap_keeps_an_export_servable_by_vllm():
+    """A layer's rank is at most rank_cap·r, min(out, in) and 256, so that its export (rank 2·r_l) stays within vLLM's
+    512; never below r (an r above 256 is the user's, and the export warns as for uniform r)."""
+    from peft_ext.rank_budget import capped_rank
+
+    assert capped_rank(2.0, 16, 4096, 4096) == 32 and capped_rank(3.5, 16, 4096, 4096) == 56
+    assert capped_rank(2.0, 200, 4096, 4096) == 256 and 2 * capped_rank(8.0, 128, 8192, 8192) <= 512
+    assert capped_rank(2.0, 16, 4096, 24) == 24 and capped_rank(2.0, 300, 4096, 4096) == 300
+    assert capped_rank(2.0, 48, 4096, 32) == 48  # r does not fit: left for the layer's rank check to refuse
+
+
 def test_uniform_is_kept_when_the_greedy_choice_does_worse():
     """Equal spectra and costs: nothing to gain; the summary says what uniform r captures and spends."""
     layers = [LayerSpectrum(n, [0.4, 0.3, 0.2, 0.1], 8) for n in "abc"]
