@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # two workers on two cores: one thread each (see helpers.launch_threads)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -145,9 +145,15 @@ SMOL = os.path.join(RECIPES, "SmolLM2-135M-Instruct")
 
 
 def run_cli(*args, cwd=ROOT, timeout=900):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": launch_threads(), "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", "trl_recipes.sft", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout)
+
+
+def launch_threads() -> str:
+    """Threads for a run a test launches: 2 (the machine's cores), 1 under pytest-xdist, whose 2 workers hold a core
+    each (a 2-thread torch job beside another process slows down many times over)."""
+    return "1" if "PYTEST_XDIST_WORKER" in os.environ else "2"
 
 
 FAST = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_examples", "2",

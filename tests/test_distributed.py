@@ -17,9 +17,19 @@ ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 CONFIGS = os.path.join(ROOT, "tests", "distributed")
 
 
+def free_port() -> int:
+    """A port no other launch holds (pytest-xdist runs two tests at a time; accelerate's default is 29500 for all)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(config: str, *args, timeout=900):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([ACCELERATE, "launch", "--config_file", os.path.join(CONFIGS, config), *args],
+    return subprocess.run([ACCELERATE, "launch", "--config_file", os.path.join(CONFIGS, config),
+                           "--main_process_port", str(free_port()), *args],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 

@@ -178,19 +178,25 @@ def test_recipe_arms_rates_come_from_the_flag_or_the_recipe():
         arm_rate("lora/config_cpu.yaml", ["--learning_rate", "fast"])
 
 
-def test_recipe_lora_arms_are_one_curve_and_kpm_is_read_along_it(tmp_path):
-    """LoRA arms (any name starting with LoRA) are the rates of one curve; KPM at 2e-4 is read between two of them."""
+def test_recipe_lora_arms_are_one_curve_and_every_arm_is_read_along_it(tmp_path):
+    """LoRA arms (any name starting with LoRA) are the rates of one curve; KPM at 2e-4 and DuDe are read between two
+    of them (recipe_forgetting reads every arm, compare_methods' default only KPM arms)."""
     from benchmarks.recipe_forgetting import along_rates, equal_gain_text, tradeoff_figure
 
     arms = {"LoRA": ("lora/config_cpu.yaml", []), "LoRA-2e-4": ("lora/config_cpu.yaml", ["--learning_rate", "2e-4"]),
-            "CorDA-KPM": ("corda/config_kpm_cpu.yaml", ["--learning_rate", "2e-4"])}
-    results = {"LoRA": seeds(0.8, 5.0), "LoRA-2e-4": seeds(1.0, 4.6), "CorDA-KPM": seeds(0.9, 4.55)}
+            "CorDA-KPM": ("corda/config_kpm_cpu.yaml", ["--learning_rate", "2e-4"]),
+            "DuDe": ("dude/config_cpu.yaml", [])}
+    results = {"LoRA": seeds(0.8, 5.0), "LoRA-2e-4": seeds(1.0, 4.6), "CorDA-KPM": seeds(0.9, 4.55),
+               "DuDe": seeds(0.9, 5.2)}
     complete = along_rates(arms, results)
-    assert set(complete) == {("LoRA", 5e-4), ("LoRA", 2e-4), ("CorDA-KPM", 2e-4)}
-    rows = equal_gain_rows(complete, BASE)
+    assert set(complete) == {("LoRA", 5e-4), ("LoRA", 2e-4), ("CorDA-KPM", 2e-4), ("DuDe", 2e-4)}
+    assert [r[0] for r in equal_gain_rows(complete, BASE)] == ["CorDA-KPM at 0.0002"]
+    rows = equal_gain_rows(complete, BASE, arms=lambda m: True)
     assert rows[0][3] == "LoRA between 0.0002 and 0.0005 (0.50 of the way)" and rows[0][-1] == "holds"
+    assert rows[1][0] == "DuDe at 0.0002" and rows[1][-1] == "does not hold"
     text = equal_gain_text(rows, 2)
-    assert "| CorDA-KPM at 0.0002 | 0.600 |" in text and "CorDA-KPM lies below LoRA's curve: **holds**" in text
+    assert "| CorDA-KPM at 0.0002 | 0.600 |" in text and "CorDA-KPM lies **below LoRA's curve**" in text
+    assert "DuDe lies **above LoRA's curve**" in text
     assert equal_gain_text(rows, 1) == ""  # one LoRA arm: no curve to read
     tradeoff_figure(complete, BASE, str(tmp_path / "plots" / "r_tradeoff.png"))
     assert (tmp_path / "plots" / "r_tradeoff.png").stat().st_size > 10_000

@@ -12,7 +12,7 @@ import sys
 import sysconfig
 import zipfile
 
-from .helpers import ROOT
+from .helpers import ROOT, launch_threads
 
 COPY_IGNORE = shutil.ignore_patterns(".git", ".venv", "outputs", "build", "*.egg-info", "__pycache__", "results")
 
@@ -57,7 +57,7 @@ def test_the_wheel_runs_the_packaged_kpm_recipe_and_the_evaluation(tiny_model_di
     empty = tmp_path / "empty"
     empty.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.update(OMP_NUM_THREADS=launch_threads(), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
 
     def run(*args):
         return subprocess.run([*python, *args], capture_output=True, text=True, cwd=empty, env=env, timeout=900)
