@@ -18,6 +18,7 @@ from .helpers import FAST, RECIPES, ROOT, SMOL, assert_adapter_and_export_agree,
     ("pissa", "lora/config_cpu.yaml", ["--peft_method", "pissa"]),
     ("dora", "dora/config_cpu.yaml", []),
     ("dude", "dude/config_cpu.yaml", []),
+    ("dude", "dude/config_cpu.yaml", ["--rank_allocation", "budgeted"]),  # allocated inside TRL's get_peft_model
     # peft's EVA (the published budgeted init) on the calibration records, after TRL built the adapter
     ("eva", "lora/config_cpu.yaml", ["--peft_method", "eva", "--calibration_samples", "16",
                                      "--calibration_batch_size", "4"]),
@@ -40,6 +41,9 @@ def test_cli_two_steps_per_method(method, recipe, extra, tiny_model_dir, tmp_pat
     assert set(norms) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert all(n["layers"] == 2 and n["A"] > 0 for n in norms.values())
     assert all((n["B"] == 0) == (method in ("lora", "dora", "eva")) for n in norms.values())  # B starts at zero
+    if "budgeted" in extra:  # the ranks TRL's copy of the config allocated are the saved ones
+        saved = json.load(open(out / "adapter" / "adapter_config.json"))
+        assert saved["rank_allocation_summary"]["parameters"] and len(set(saved["rank_pattern"].values())) > 1
     if method == "eva":  # EVA's A: the top right-singular vectors of each layer's inputs, ranks redistributed
         saved = json.load(open(out / "adapter" / "adapter_config.json"))
         assert saved["init_lora_weights"] == "eva" and saved["eva_config"]["rho"] == 2.0 and saved["rank_pattern"]
