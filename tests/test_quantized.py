@@ -38,6 +38,8 @@ def load(path, bits):
 
 
 def adapt(model, method, **kwargs):
+    if method.endswith("-budgeted"):  # e.g. corda-kpm-budgeted: rank_allocation="budgeted"
+        method, kwargs = method[: -len("-budgeted")], {**kwargs, "rank_allocation": "budgeted"}
     if method == "dude":
         config = DuDeConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
     else:
@@ -47,7 +49,7 @@ def adapt(model, method, **kwargs):
     return get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("method", ["dude", "corda-ipm", "corda-kpm"])
+@pytest.mark.parametrize("method", ["dude", "corda-ipm", "corda-kpm", "corda-kpm-budgeted"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_init_train_save_load_export(bits, method, fp32_dir, tmp_path):
     from peft_ext.quantization import PeftExtLinear4bit, PeftExtLinear8bitLt
