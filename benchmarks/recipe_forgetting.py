@@ -277,10 +277,10 @@ def on_split(item, split: str):
 
 def rate_choices(arms: dict, results: dict, base: dict) -> list[list]:
     """On the validation split: every arm that is a non-LoRA arm with `--learning_rate X` added at the end of its
-    flags (the same recipe, nothing else changed) against that arm, at the recipe's own rate. The candidate rate is adopted when its task NLL is comparable
-    (`comparable_gain`: at most 1.25x the shipped rate's) and it forgets less by the 2-standard-error rule, paired by
-    seed; else the shipped rate stays. Rows: [candidate, shipped arm, task NLL ratio, comparable, forgetting of each,
-    paired difference, decision] (the plan of 2026-12-07)."""
+    flags (the same recipe, nothing else changed) against that arm, at the recipe's own rate. The candidate rate is
+    adopted when its task NLL is comparable (`comparable_gain`: at most 1.25x the shipped rate's) and it forgets less
+    by the 2-standard-error rule, paired by seed; else the shipped rate stays. Rows: [candidate, shipped arm, task
+    NLL ratio, comparable, forgetting of each, paired difference, decision] (the plan of b6a814a)."""
     shipped = {(recipe, tuple(flags)): name for name, (recipe, flags) in arms.items()
                if not name.startswith("LoRA") and not any(w.startswith("--learning_rate") for w in flags)}
     rows = []

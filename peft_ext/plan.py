@@ -225,7 +225,8 @@ def format_table(shape: ModelShape, numbers: dict, args) -> str:
         f"| decomposition, sharded over {args.world} ranks | {numbers['decomposition_flops_per_rank'] / 1e12:.2f} "
         f"TFLOP |",
         f"| decomposition, one rank doing all | {numbers['decomposition_flops_one_rank'] / 1e12:.2f} TFLOP |",
-        f"| adapter parameters (A and B{', budget of the allocation, within 1%' if args.rank_allocation == 'budgeted' else ''}) | "
+        f"| adapter parameters (A and B"
+        f"{', budget of the allocation, within 1%' if args.rank_allocation == 'budgeted' else ''}) | "
         f"{numbers['adapter_parameters'] / 1e6:.2f} M |",
         f"| init factors held until every layer is decomposed (float32"
         f"{f', each at its cap of rank_cap {args.rank_cap:g}' if args.rank_allocation == 'budgeted' else ''}) | "

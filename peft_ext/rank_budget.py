@@ -116,7 +116,8 @@ def budgeted_ranks(layers: list[LayerSpectrum], r: int, *, largest: bool) -> tup
 def allocate_injection(runtime, config) -> None:
     """At the first commit of a budgeted injection: allocate over every layer it created, shrink each to its rank,
     record the result in `config`. Every rank of a process group computes the same (the spectra were broadcast)."""
-    entries = [(layer, adapter, layer.residual_init_states()[adapter]) for layer, adapter, _ in runtime.injection.entries]
+    entries = [(layer, adapter, layer.residual_init_states()[adapter])
+               for layer, adapter, _ in runtime.injection.entries]
     largest = config.keeps_largest_components()
     layers = []
     for _, _, state in entries:
@@ -126,7 +127,8 @@ def allocate_injection(runtime, config) -> None:
     ranks, summary = budgeted_ranks(layers, config.r, largest=largest)
     summary["rank_cap"] = config.rank_cap
     for layer, adapter, state in entries:
-        layer.keep_components(adapter, ranks[state.name], last=not largest, lora_alpha=alpha_for(config, ranks[state.name]))
+        rank = ranks[state.name]
+        layer.keep_components(adapter, rank, last=not largest, lora_alpha=alpha_for(config, rank))
     config.rank_pattern = {state.name: ranks[state.name] for _, _, state in entries}
     config.alpha_pattern = {state.name: alpha_for(config, ranks[state.name]) for _, _, state in entries}
     config.rank_allocation_summary = summary
