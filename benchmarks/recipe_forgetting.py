@@ -41,7 +41,7 @@ from peft_ext import read_jsonl
 from benchmarks.common import (ROOT, SMOL, Slots, add_data_dir_argument, data_file, fmt, machine, markdown_table,
                                mean_std, paired, parallel, stamp, write_jsonl, write_report)
 from benchmarks.verdicts import (comparable_gain, curve_verdicts, equal_gain_rows, equal_gain_table,
-                                 gain_and_forgetting, kpm_claim, lora_rates)
+                                 gain_and_forgetting, kpm_claim, lora_rates, sign_verdict)
 
 DEFAULT_ARMS = "LoRA=lora/config_cpu.yaml;CorDA-KPM=corda/config_kpm_cpu.yaml"
 RESULT_FILE = "forgetting_eval_splits.json"  # one run's evaluation on both splits (`evaluate_splits`)
@@ -306,10 +306,6 @@ def _without(flags: list[str], flag: str) -> tuple[list[str], str | None]:
     return flags[:i] + flags[i + 2:], flags[i + 1]
 
 
-def _lower(diff) -> str:
-    return "holds" if diff[0] + 2 * diff[1] < 0 else "does not hold" if diff[0] - 2 * diff[1] > 0 else "not shown"
-
-
 def budget_rows(arms: dict, results: dict, base: dict) -> list[list]:
     """Budgeted ranks against uniform (the plan of 4a7e371), on the final split: each arm with `--rank_allocation
     budgeted` against the arm with the same recipe and flags without it, and (DuDe, IPM) against every EVA arm
@@ -337,7 +333,7 @@ def budget_rows(arms: dict, results: dict, base: dict) -> list[list]:
         for other in [ref, *evas]:
             theirs = gain_and_forgetting(results[other], base)
             diff = paired(mine["task_nll"], theirs["task_nll"])
-            rows.append([f"{name} reaches a lower task NLL than {other}", f"**{_lower(diff)}**",
+            rows.append([f"{name} reaches a lower task NLL than {other}", f"**{sign_verdict(diff)}**",
                          f"task NLL {fmt(mean_std(mine['task_nll']))} vs {fmt(mean_std(theirs['task_nll']))} "
                          f"(paired {diff[0]:+.4f} ± {diff[1]:.4f})"])
     return rows

@@ -49,7 +49,7 @@ def derived(results: dict, base: dict) -> dict:
             for m, runs in results.items()}
 
 
-def _sign_verdict(d) -> str:
+def sign_verdict(d) -> str:
     """(mean, standard error) of a paired difference, lower is better: the 2-standard-error rule."""
     return "holds" if d[0] + 2 * d[1] < 0 else "does not hold" if d[0] - 2 * d[1] > 0 else "not shown (within noise)"
 
@@ -75,7 +75,7 @@ def kpm_claim(name, kpm, lora, lora_name="LoRA", task="GSM8K NLL", knowledge="NQ
 
 def _ipm_claim(name, ipm, other_name, other, half):
     de, dt = paired(ipm["early"], other["early"]), paired(ipm["task_nll"], other["task_nll"])
-    return (f"{name} learns faster than {other_name}", _sign_verdict(de),
+    return (f"{name} learns faster than {other_name}", sign_verdict(de),
             f"mean training loss over steps 2–{half} {name} {fmt(mean_std(ipm['early']))} vs {other_name} "
             f"{fmt(mean_std(other['early']))} (paired difference {_diff(de)}); final GSM8K test answer NLL "
             f"difference {name} − {other_name} {_diff(dt)}")
@@ -191,7 +191,7 @@ def equal_gain_rows(complete: dict, base: dict, arms=lambda m: "KPM" in m) -> li
             rows.append([*row, "–", "–", "–", "outside LoRA's range"])
         else:
             diff, n = paired(d["forget"], ref), min(len(ref), len(runs))
-            rows.append([*row, f"{statistics.mean(ref[:n]):.3f}", str(n), _diff(diff), _sign_verdict(diff)])
+            rows.append([*row, f"{statistics.mean(ref[:n]):.3f}", str(n), _diff(diff), sign_verdict(diff)])
     return rows
 
 
