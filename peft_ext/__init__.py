@@ -6,7 +6,7 @@ Everything a client needs is imported from here (the public API, `docs/api.md`);
 from ._compat import is_deepspeed_zero3_enabled
 from .base_weight import no_cpu_repacking
 from .config import PeftExtConfig, __version__, load_config
-from .corda import Calibration, CorDAConfig, calibrate
+from .corda import Calibration, CalibrationData, CorDAConfig, calibrate
 from .corda.covariance import SAMPLE_NORMALIZATIONS
 from .corda.peft_reference import calibrate_with_peft, peft_corda_config
 from .corda.sample_keys import calibration_overlap, sample_digest, sample_key
@@ -21,6 +21,7 @@ from .targets import expect_targets
 
 __all__ = [
     "Calibration",
+    "CalibrationData",
     "CorDAConfig",
     "DuDeConfig",
     "PeftExtConfig",

@@ -17,6 +17,10 @@ peft (``SUPPORTED_PEFT``):
     ``set_requires_grad`` and ``_mark_only_adapters_as_trainable`` keep at ``requires_grad=False``;
   * ``BufferDict`` (``peft.tuners._buffer_dict``): persistent buffers that peft saves with the adapter;
   * ``LoraConfig._register_custom_module`` (a method, used in ``config.py``): peft's custom-module dispatch;
+  * ``LoraModel._pre_injection_hook(model, config, adapter_name)``: called by ``BaseTuner.__init__`` (so by
+    ``get_peft_model``, ``PeftModel.from_pretrained`` and ``inject_adapter_in_model``) with the model before any layer
+    is created; documented by peft as the override point for pre-injection work. ``add_pre_injection_hook`` wraps it
+    once, calling peft's own first (CorDA's calibration by config runs there);
   * ``maybe_include_all_linear_layers``, ``check_target_module_exists``, ``BaseTunerLayer``: target resolution;
   * ``gather_params_ctx``, ``get_bnb_param_type``, ``dequantize_bnb_weight``, ``dequantize_module_weight``,
     ``transpose`` (``peft.utils``);
@@ -73,6 +77,28 @@ def check_target_module_exists(config, key: str) -> bool:
     return bool(LoraModel._check_target_module_exists(config, key))
 
 
+_PRE_INJECTION_HOOKS: list = []
+
+
+def add_pre_injection_hook(fn) -> None:
+    """Call `fn(model, config, adapter_name)` after peft's own `LoraModel._pre_injection_hook`, before any layer of
+    an injection is created. LoRA-typed configs all pass through it; `fn` returns at once for configs it does not
+    handle. peft's method is wrapped once, whatever the number of hooks."""
+    if fn not in _PRE_INJECTION_HOOKS:
+        _PRE_INJECTION_HOOKS.append(fn)
+    if getattr(LoraModel._pre_injection_hook, "_peft_ext_hooks", None) is _PRE_INJECTION_HOOKS:
+        return
+    original = LoraModel._pre_injection_hook
+
+    def hook(self, model, config, adapter_name):
+        original(self, model, config, adapter_name)
+        for each in _PRE_INJECTION_HOOKS:
+            each(model, config, adapter_name)
+
+    hook._peft_ext_hooks = _PRE_INJECTION_HOOKS
+    LoraModel._pre_injection_hook = hook
+
+
 def preprocess_corda(*args, **kwargs):
     """peft's own CorDA preprocessing (trl_recipes' side-by-side arm), imported on first use: its module imports
     `attrs`, which peft does not declare, so importing it eagerly would make peft_ext fail to import without it."""
@@ -83,8 +109,8 @@ def preprocess_corda(*args, **kwargs):
 
 __all__ = [
     "BaseTunerLayer", "BufferDict", "Conv1D", "DoraLinearLayer", "DoraLinearVariant", "LoraLayer", "LoraLinear",
-    "LoraLinear4bit", "LoraLinear8bitLt", "PeftCordaConfig", "SUPPORTED_PEFT", "bnb", "check_target_module_exists",
-    "dequantize_bnb_weight", "dequantize_module_weight", "gather_params_ctx", "get_bnb_param_type", "get_pattern_key",
-    "is_deepspeed_zero3_enabled", "maybe_include_all_linear_layers", "preprocess_corda", "register_frozen_peft_weight",
-    "transpose",
+    "LoraLinear4bit", "LoraLinear8bitLt", "PeftCordaConfig", "SUPPORTED_PEFT", "add_pre_injection_hook", "bnb",
+    "check_target_module_exists", "dequantize_bnb_weight", "dequantize_module_weight", "gather_params_ctx",
+    "get_bnb_param_type", "get_pattern_key", "is_deepspeed_zero3_enabled", "maybe_include_all_linear_layers",
+    "preprocess_corda", "register_frozen_peft_weight", "transpose",
 ]

@@ -129,6 +129,19 @@ def token_batches(n: int = 12, length: int = 20, batch: int = 4, seed: int = 3, 
     return rows_to_batches(rows, batch)
 
 
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary ("w0" ... ), with a plain chat template."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"[UNK]": VOCAB - 2, "[PAD]": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    return tokenizer
+
+
 def rows_to_batches(rows, batch, pad=0):
     from peft_ext.corda.calibration import batch_rows
 

@@ -16,7 +16,8 @@ from peft_ext import CorDAConfig, calibrate, export_peft_adapter, load_adapter, 
 from peft_ext.layer import PeftExtLinear
 
 from .helpers import (ARCHS, VOCAB, assert_same_state, corda, logits, make_tiny, peft_ext_layers, perturb_trainable,
-                      rel_err, rows_to_batches, run_plain_peft, sample_input, state_snapshot, token_batches)
+                      rel_err, rows_to_batches, run_plain_peft, sample_input, state_snapshot, token_batches,
+                      word_tokenizer)
 
 
 def calibrated(arch="llama", method="ipm", batches=None, dtype=torch.float32, sequential=False, **cfg):
@@ -305,19 +306,6 @@ def test_calibration_is_consumed_and_model_untouched_by_calibrate():
     get_peft_model(model, config)
     assert config.peft_ext_runtime.calibration is None  # the covariances are freed after get_peft_model
     assert config.corda_calibration["tokens"] > 0
-
-
-def word_tokenizer():
-    """A word-level tokenizer over the tiny models' vocabulary ("w0" ... ), with a plain chat template."""
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"[UNK]": VOCAB - 2, "[PAD]": VOCAB - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-    return tokenizer
 
 
 def test_calibrate_accepts_texts_chats_records_jsonl_datasets_and_dataloaders(tmp_path):
@@ -630,7 +618,7 @@ def test_get_peft_model_without_calibration_leaves_model_untouched():
     model = make_tiny("llama")
     x = sample_input()
     ref, before = logits(model, x), state_snapshot(model)
-    with pytest.raises(ValueError, match="no calibration for layer .* Fix: call peft_ext.calibrate"):
+    with pytest.raises(ValueError, match="has no calibration attached and names no calibration data. Fix, either route"):
         get_peft_model(model, corda())
     assert_same_state(before, model)
     assert not peft_ext_layers(model) and torch.equal(logits(model, x), ref)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import PeftExtConfig
+from .calibration_data import CalibrationData, field_for_config
 from .decomposition import decompose_member
 
 
@@ -18,8 +19,9 @@ DECOMPOSITION_FIELDS = ("corda_method", "corda_damping", "corda_balance_factors"
 
 @dataclass
 class CorDAConfig(PeftExtConfig):
-    """Configuration of a CorDA adapter. Call `peft_ext.calibrate(model, config, data)` first, then
-    `get_peft_model(model, config)`.
+    """Configuration of a CorDA adapter. Either name the calibration data in it (`calibration_data`), and
+    `get_peft_model(model, config)` calibrates the model it is given (so does any TRL trainer given
+    `peft_config=config`), or call `peft_ext.calibrate(model, config, data)` first, then `get_peft_model`.
 
     Each target weight W is decomposed through the covariance C of its input on calibration data:
     SVD(W·C) = U S Vᵀ, W = U S Vᵀ C⁻¹. The other components form the frozen residual base weight, so the model's
@@ -37,9 +39,9 @@ class CorDAConfig(PeftExtConfig):
       both factors.
 
     Example:
-        >>> config = CorDAConfig(r=16, lora_alpha=16, target_modules="all-linear", corda_method="kpm")
-        >>> peft_ext.calibrate(model, config, "nq_open.jsonl", tokenizer=tok, num_samples=256)
-        >>> model = get_peft_model(model, config)
+        >>> config = CorDAConfig(r=16, lora_alpha=16, target_modules="all-linear", corda_method="kpm",
+        ...                      calibration_data=CalibrationData("nq_open.jsonl", num_samples=256))
+        >>> model = get_peft_model(model, config)  # calibrates on `model`, with its checkpoint's tokenizer
     """
 
     corda_method: Literal["kpm", "ipm"] = field(
@@ -86,10 +88,13 @@ class CorDAConfig(PeftExtConfig):
                           "digest of each sample it used (`sample_digests`, see peft_ext.sample_digest)."},
     )
 
+    calibration_data: Optional[CalibrationData] = field_for_config()
+
     _method: ClassVar[str] = "corda"
 
     def __post_init__(self):
         super().__post_init__()
+        self.calibration_data = CalibrationData.coerce(self.calibration_data)
         if self.corda_method not in ("kpm", "ipm"):
             raise ValueError(f"CorDAConfig: corda_method={self.corda_method!r}. Fix: 'kpm' or 'ipm'.")
         if self.corda_train_A is None:
@@ -105,14 +110,26 @@ class CorDAConfig(PeftExtConfig):
                 f"components, KPM trains the smallest. Fix: svd_niter=None (exact SVD) for KPM."
             )
 
+    def to_dict(self) -> dict:
+        """peft's dict (what save_pretrained writes), with `calibration_data` as its record: the data named by path
+        or Hub id, or described (peft's dataclass conversion would deep-copy the samples themselves)."""
+        spec, self.calibration_data = self.calibration_data, None
+        try:
+            rv = super().to_dict()
+        finally:
+            self.calibration_data = spec
+        rv["calibration_data"] = None if spec is None else spec.to_record()
+        return rv
+
     def compute_init_factors(
         self, layer: nn.Module, weight: torch.Tensor, *, r: int, scaling: float, name: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calib = self.peft_ext_runtime.calibration
         if calib is None:
             raise ValueError(
-                f"peft_ext corda: no calibration for layer '{name}'. Fix: call peft_ext.calibrate(model, config, "
-                f"data, tokenizer=...) with this config before get_peft_model (it is consumed by get_peft_model)."
+                f"peft_ext corda: no calibration for layer '{name}'. Fix: name the data in the config "
+                f"(CorDAConfig(..., calibration_data=...)), or call peft_ext.calibrate(model, config, data, "
+                f"tokenizer=...) with this config before get_peft_model (it is consumed by get_peft_model)."
             )
         group = calib.group(name)
         if group is None:
