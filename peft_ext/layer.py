@@ -55,6 +55,7 @@ class _InitState:
     applied: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (A0, B0) the residual holds, once committed
     deferred: bool = False  # factors not computed yet: a sharded decomposition fills them at commit
     spectrum: Optional[torch.Tensor] = None  # energy share of each component (rank_budget), until the allocation
+    twin_of: Optional[str] = None  # the adapter whose residual and init factors it shares (see `_twin_state`)
 
 
 class ResidualInitMixin:
@@ -91,7 +92,7 @@ class ResidualInitMixin:
             r = rank_budget.provisional_rank(config, r, *target_shape(self.get_base_layer()))
             lora_alpha = rank_budget.alpha_for(config, r)
         try:
-            state = self._prepare(r, lora_alpha, config, kwargs.get("target_name") or "<unnamed>")
+            state = self._prepare(adapter_name, r, lora_alpha, config, kwargs.get("target_name") or "<unnamed>")
             self._peft_ext_state[adapter_name] = state
             super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
             for weight_name in config.frozen_adapter_weights():
@@ -116,15 +117,17 @@ class ResidualInitMixin:
     def drop_residual_init_state(self, adapter_name: str) -> None:
         self.residual_init_states().pop(adapter_name, None)
 
-    def _prepare(self, r: int, lora_alpha: float, config, name: str) -> _InitState:
+    def _prepare(self, adapter_name: str, r: int, lora_alpha: float, config, name: str) -> _InitState:
         """Validate this target and compute its init factors; the base weight is not modified."""
         method = config.peft_ext_method
-        if self.residual_init_states():
+        if adapter_name in self.residual_init_states():
             raise ValueError(
-                f"peft_ext {method}: layer '{name}' already holds the residual-init adapter "
-                f"'{next(iter(self.residual_init_states()))}'. Both would rewrite the same base weight. Fix: "
-                f"merge_and_unload() or unload() the model first, or add a plain LoraConfig adapter instead."
+                f"peft_ext {method}: layer '{name}' already holds the residual-init adapter '{adapter_name}'; a new "
+                f"one of that name would rewrite its base weight. Fix: merge_and_unload() or unload() the model "
+                f"first, or add the adapter under another name (model.add_adapter(name, config))."
             )
+        if self.residual_init_states():
+            return self._twin_state(r, lora_alpha, config, name)
         base = self.get_base_layer()
         with gather_params_ctx(base.weight):
             W, float_source = decomposable_weight(base, self.fan_in_fan_out, name=name, method=method,
@@ -155,6 +158,35 @@ class ResidualInitMixin:
         return _InitState(lora_A, lora_B, magnitude, scaling, float_source=float_source, name=name, method=method,
                           fingerprint=fingerprint, check_base=config.peft_ext_runtime.check_base, deferred=deferred,
                           spectrum=spectrum)
+
+    def _twin_state(self, r: int, lora_alpha: float, config, name: str) -> _InitState:
+        """A second residual-init adapter on this layer: it shares the first one's residual and starts from its init
+        factors (A0, B0), which is what a fresh decomposition of the same weight gives for the same method, rank and
+        scaling. TRL's DPO and GRPO create such a copy ('ref') of a trained adapter as their reference model."""
+        (source_name, source), method = next(iter(self.residual_init_states().items())), config.peft_ext_method
+        scaling = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        same = (source.applied is not None and source.method == method and source.applied[0].shape[0] == r
+                and abs(source.scaling - scaling) <= 1e-12 * abs(scaling))
+        stored = (config.peft_ext_runtime.stored_init or {}).get(name)
+        if same and stored is not None:  # a reload: its saved init must be the one the residual holds
+            same = all(torch.equal(t.float().cpu(), a.cpu()) for t, a in zip(stored[:2], source.applied))
+        if not same:
+            raise ValueError(
+                f"peft_ext {method}: layer '{name}' already holds the residual-init adapter '{source_name}' "
+                f"({source.method}, rank {source.lora_A.shape[0]}, scaling {source.scaling:g}). A second one shares "
+                f"its residual, so it needs the same method, rank, scaling and init factors (as TRL's reference copy "
+                f"'ref' has). Fix: add it with the first adapter's config, merge_and_unload() or unload() first, or "
+                f"add a plain LoraConfig adapter instead."
+            )
+        A, B = (t.detach().clone() for t in source.applied)
+        with gather_params_ctx(self.get_base_layer().weight):
+            W, float_source = decomposable_weight(self.get_base_layer(), self.fan_in_fan_out, name=name, method=method,
+                                                  float_weights_path=config.float_weights_path)
+        if float_source is None:  # the residual: the original weight is W_res + s·B0·A0
+            W = W + source.scaling * (B.to(W.device) @ A.to(W.device))
+        return _InitState(A, B, torch.linalg.vector_norm(W, dim=1), scaling, float_source=source.float_source,
+                          name=name, method=method, fingerprint=source.fingerprint.clone(),
+                          check_base=source.check_base, twin_of=source_name)
 
     def decompose(self, state: _InitState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A0, B0, energy shares) of a deferred adapter: its weight read again (gathered by the caller under ZeRO-3)
@@ -249,8 +281,9 @@ class ResidualInitMixin:
             if rank_budget.pending(state.config):  # the first commit of a budgeted injection shrinks every layer
                 self._allocate(state.config)
             self._materialize(adapter_name, state)
-            write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling, self.fan_in_fan_out,
-                            float_source=state.float_source, method=state.method)
+            if state.twin_of is None:  # a twin's residual is there already: its source's
+                write_residual_(self.get_base_layer(), state.lora_A, state.lora_B, state.scaling,
+                                self.fan_in_fan_out, float_source=state.float_source, method=state.method)
             state.applied = (state.lora_A.detach().clone(), state.lora_B.detach().clone())
             state.pending = False
             state.magnitude = None
@@ -289,20 +322,26 @@ class ResidualInitMixin:
         if any(s.pending and not s.creating for s in self.residual_init_states().values()):
             self._commit()
         result = super().forward(x, *args, **kwargs)
-        # the base layer computes the residual; wherever the residual-init adapter is not applied (adapters disabled,
-        # as TRL's implicit reference model; another adapter active; rows of a mixed batch that ask for another
-        # adapter or '__base__'), add its init product s·B0·(A0·x) back, so that those outputs are the original W·x
-        names = None if self.disable_adapters else kwargs.get("adapter_names")
-        for adapter_name, state in self.residual_init_states().items():
-            if state.applied is None or adapter_name in self.merged_adapters:
-                continue
-            if names is not None:
-                rows = torch.tensor([n != adapter_name for n in names], device=result.device)
-                if rows.any():
-                    result = result + self._init_product(x, state, result.dtype) * rows.view(-1, *[1] * (x.dim() - 1))
-            elif self.disable_adapters or adapter_name not in self.active_adapters:
-                result = result + self._init_product(x, state, result.dtype)
-        return result
+        # the base layer computes the residual; wherever no residual-init adapter is applied (adapters disabled, as
+        # TRL's implicit reference model; another adapter active; rows of a mixed batch that ask for another adapter
+        # or '__base__'), add the init product s·B0·(A0·x) back, so that those outputs are the original W·x. Twins
+        # share one residual and one init: it is added once, and not where any of them is applied or merged.
+        group = {n: s for n, s in self.residual_init_states().items() if s.applied is not None}
+        if not group or (not self.disable_adapters and any(n in self.merged_adapters for n in group)):
+            return result
+        state, names = next(iter(group.values())), None if self.disable_adapters else kwargs.get("adapter_names")
+        if names is not None:
+            rows = torch.tensor([n not in group for n in names], device=result.device)
+            if rows.any():
+                result = result + self._init_product(x, state, result.dtype) * rows.view(-1, *[1] * (x.dim() - 1))
+            return result
+        applied = [] if self.disable_adapters else [n for n in self.active_adapters if n in group]
+        if len(applied) > 1:
+            raise ValueError(
+                f"peft_ext: layer '{state.name}' has the residual-init adapters {applied} active at once; they share "
+                f"one residual, so their sum is no model. Fix: activate one of them (set_adapter)."
+            )
+        return result if applied else result + self._init_product(x, state, result.dtype)
 
     @staticmethod
     def _init_product(x: torch.Tensor, state: _InitState, dtype: torch.dtype) -> torch.Tensor:
@@ -312,8 +351,13 @@ class ResidualInitMixin:
         return (state.scaling * ((x.to(torch.float32) @ A.T) @ B.T)).to(dtype)
 
     def _restore_base(self, adapter_name: str) -> None:
-        """Write the original weight back (W_res + s·B0·A0) and forget the adapter's residual-init state."""
+        """Write the original weight back (W_res + s·B0·A0) and forget the adapter's residual-init state; while a twin
+        still uses the residual, only forget the state (the twin then owns the residual)."""
         state = self.residual_init_states().pop(adapter_name, None)
+        if state is not None and state.applied is not None and self.residual_init_states():
+            for twin in self.residual_init_states().values():
+                twin.twin_of = None if twin.twin_of == adapter_name else twin.twin_of
+            return
         if state is not None and state.applied is not None:
             rebase_residual_(self.get_base_layer(), state.applied, None, state.scaling, self.fan_in_fan_out,
                              float_source=state.float_source, method=state.method)
@@ -326,13 +370,23 @@ class ResidualInitMixin:
             self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         elif self.merged:
             self.unmerge()
-        for adapter_name in list(self.residual_init_states()):
-            if adapter_name not in self.merged_adapters:  # a merged one's delta sits on the original W already
-                self._restore_base(adapter_name)
+        states = self.residual_init_states()
+        if any(n in self.merged_adapters for n in states):  # a merged one's delta sits on the original W already
+            states.clear()
+        for adapter_name in list(states):  # twins: the last one restores the original weight, once
+            self._restore_base(adapter_name)
         return self.get_base_layer()
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         self._commit()
+        asked = self.active_adapters if adapter_names is None else adapter_names
+        twins = sorted({n for n in [*asked, *self.merged_adapters] if n in self.residual_init_states()})
+        if len(twins) > 1:
+            raise ValueError(
+                f"peft_ext: merging {twins} into layer '{self.residual_init_states()[twins[0]].name}': these "
+                f"residual-init adapters share one residual, so only one of them can be merged. Fix: merge one, or "
+                f"delete_adapter the others first."
+            )
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -369,6 +423,12 @@ class ResidualInitMixin:
                 raise ValueError(
                     f"peft_ext: the state dict loaded into layer '{state.name}' has other init factors than adapter "
                     f"'{adapter_name}', which is merged. Fix: unmerge_adapter() before loading."
+                )
+            if len(self.residual_init_states()) > 1:
+                raise ValueError(
+                    f"peft_ext: the state dict loaded into layer '{state.name}' has other init factors than adapter "
+                    f"'{adapter_name}', whose residual another adapter of this layer shares. Fix: load it onto a model "
+                    f"without that adapter (delete_adapter), or load the adapter with its own init."
                 )
             new = (A.detach().float().clone(), B.detach().float().clone())
             rebase_residual_(self.get_base_layer(), state.applied, new, state.scaling, self.fan_in_fan_out,

@@ -404,12 +404,14 @@ def test_config_errors_name_the_field():
         DuDeConfig(layer_replication=[[0, 1]])
 
 
-def test_second_residual_adapter_on_same_layers_is_refused():
+def test_second_residual_adapter_of_another_rank_is_refused():
+    """A second residual-init adapter shares the layer's residual (a twin, tests/test_reference_model.py): one of
+    another rank cannot, and is refused without a trace."""
     x = sample_input()
     model = trained_dude("llama")
     trained = logits(model, x)
-    with pytest.raises(ValueError, match="already holds the residual-init adapter 'default'"):
-        model.add_adapter("other", dude())
+    with pytest.raises(ValueError, match="already holds the residual-init adapter 'default' .* A second one shares"):
+        model.add_adapter("other", dude(r=2))
     assert "other" not in model.peft_config
     for layer in peft_ext_layers(model).values():
         assert "other" not in layer.lora_A

@@ -146,3 +146,83 @@ def test_dpo_implicit_reference_model_is_the_base(method, tiny_model_dir, tmp_pa
     assert logged["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)
     # rewards are β·(policy − reference) log-prob differences: zero for both answers, not only their margin
     assert max(abs(logged[k]) for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")) < 1e-4
+
+
+# --- a second stage after SFT: TRL copies the trained adapter as its reference ('ref') ------------------------------
+
+
+def _sft_adapter(arch, method, path):
+    """A saved 'SFT' adapter (the trainable factors moved away from their init) and its outputs."""
+    pm, _, _, x = adapted(arch, method)
+    pm.save_pretrained(path)
+    return logits(pm, x), x
+
+
+def _second_stage(kind, model, tokenizer, tmp_path):
+    from datasets import Dataset
+
+    common = dict(output_dir=str(tmp_path / kind), max_steps=1, per_device_train_batch_size=4, logging_steps=1,
+                  learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, beta=0.1, bf16=False)
+    words = [f"w{i}" for i in range(20)]
+    if kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        data = Dataset.from_list([{"prompt": f"{words[i]} {words[i + 1]}", "chosen": f" {words[i + 2]}",
+                                   "rejected": f" {words[i + 3]}"} for i in range(8)])
+        return DPOTrainer(model=model, args=DPOConfig(**common, max_length=32), train_dataset=data,
+                          processing_class=tokenizer)
+    from trl import GRPOConfig, GRPOTrainer
+
+    data = Dataset.from_list([{"prompt": f"{words[i]} {words[i + 1]}"} for i in range(8)])
+    args = GRPOConfig(**common, num_generations=2, max_completion_length=4, disable_dropout=True)  # as DPO's default
+    return GRPOTrainer(model=model, args=args,
+                       train_dataset=data, processing_class=tokenizer,
+                       reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions])
+
+
+@pytest.mark.parametrize("kind", ["dpo", "grpo"])
+@pytest.mark.parametrize("method", ["dude", "corda"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_second_stage_reference_is_the_trained_adapter(arch, method, kind, tmp_path):
+    """DPO/GRPO (beta > 0) on a loaded, trainable DuDe/CorDA adapter: TRL adds a copy 'ref' of it, which shares the
+    layer's residual. At the first step the policy is its reference (DPO: loss log 2, rewards 0; GRPO: KL 0), the
+    reference is the trained adapter (not the base), and training moves the policy but never the reference."""
+    from peft_ext import load_adapter
+
+    from .helpers import word_tokenizer
+
+    sft_logits, x = _sft_adapter(arch, method, tmp_path / "sft")
+    model = load_adapter(make_tiny(arch), str(tmp_path / "sft"), is_trainable=True)
+    tokenizer = word_tokenizer()
+    tokenizer.eos_token = tokenizer.pad_token  # the tiny vocabulary has no token of its own to spare
+    trainer = _second_stage(kind, model, tokenizer, tmp_path)
+    assert set(model.peft_config) == {"default", "ref"}
+    model.set_adapter("ref")
+    assert torch.equal(logits(model, x), sft_logits)  # the reference is the SFT model, before any step
+    model.set_adapter("default")
+    trainer.train()
+    logged = next(h for h in trainer.state.log_history if "loss" in h)
+    if kind == "dpo":
+        assert logged["loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)
+        assert max(abs(logged[k]) for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")) < 1e-4
+    else:
+        assert abs(logged["kl"]) < 1e-6
+    assert rel_err(logits(model, x), sft_logits) > 1e-6  # the policy trained
+    model.set_adapter("ref")
+    assert torch.equal(logits(model, x), sft_logits)  # the reference did not move
+    model.set_adapter("default")
+    model.delete_adapter("ref")  # the policy keeps the shared residual
+    with model.disable_adapter():
+        assert rel_err(logits(model, x), logits(make_tiny(arch), x)) < 1e-5  # and the base is still the original
+
+
+def test_twins_refuse_what_one_residual_cannot_hold():
+    pm, _, _, x = adapted("llama", "dude")
+    pm.add_adapter("ref", pm.peft_config["default"])
+    with pytest.raises(ValueError, match="share one residual, so only one of them can be merged"):
+        pm.base_model.merge_adapter(["default", "ref"])
+    pm.base_model.set_adapter(["default", "ref"])
+    with pytest.raises(ValueError, match=r"has the residual-init adapters \['default', 'ref'\] active at once"):
+        logits(pm, x)
+    with pytest.raises(ValueError, match=r"A second one shares its residual, so it needs the same method, rank"):
+        pm.add_adapter("other", dude(r=2))
