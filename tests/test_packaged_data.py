@@ -12,8 +12,8 @@ import pytest
 
 from peft_ext import read_jsonl, sample_key
 from trl_recipes.data import (CALIBRATION_FILES, DATA_DIR, KNOWLEDGE_EVAL_FILE, KNOWLEDGE_EVAL_FILES,
-                              KNOWLEDGE_FINAL_FILE, KPM_CALIBRATION_FILE, TASK_EVAL_FILES, TEST_FILE, TRAIN_FILE,
-                              FINAL_TEST_FILE)
+                              KNOWLEDGE_FINAL_FILE, KPM_CALIBRATION_FILE, SECOND_STAGE_FILES, TASK_EVAL_FILES,
+                              TEST_FILE, TRAIN_FILE, FINAL_TEST_FILE)
 
 from .helpers import ROOT, SMOL
 
@@ -51,6 +51,10 @@ def test_no_calibration_slice_shares_a_question_with_a_knowledge_evaluation_slic
     # the validation slices (where benchmarks choose) share nothing with the final test slices (where they report)
     assert not _keys(FINAL_TEST_FILE) & _keys(TEST_FILE)
     assert not _keys(KNOWLEDGE_FINAL_FILE) & _keys(KNOWLEDGE_EVAL_FILE)
+    # the second stage's problems: none from SFT's training or evaluation, none shared between its own files
+    for i, stage in enumerate(SECOND_STAGE_FILES):
+        for other in (TRAIN_FILE, *TASK_EVAL_FILES, *SECOND_STAGE_FILES[i + 1:]):
+            assert not _keys(stage) & _keys(other), (os.path.basename(stage), os.path.basename(other))
 
 
 def test_the_overlap_check_sees_a_shared_question():
@@ -78,6 +82,8 @@ def test_recipe_headers_name_the_full_data_sets_by_hub_id():
     for path in glob.glob(os.path.join(SMOL, "*", "*.yaml")):
         header = "".join(line for line in open(path) if line.startswith("#"))
         assert "--dataset_name openai/gsm8k --dataset_config main" in header, path
+        if os.sep + "dpo" + os.sep in path:  # and a preference set in TRL's format
+            assert "--dataset_name trl-lib/ultrafeedback_binarized" in header, path
         if "kpm" in path:
             assert "--calibration_dataset google-research-datasets/nq_open" in header, path
 

@@ -130,30 +130,40 @@ def test_default_run_on_smollm2_few_steps(tmp_path):
     assert "held-out exact match" in proc.stdout and "loss curve" in proc.stdout
 
 
+def script_of(recipe: str):
+    """The trl_recipes script a recipe belongs to: dpo/ and grpo/ recipes to the second stages, the others to sft."""
+    import importlib
+
+    stage = os.path.basename(os.path.dirname(recipe))
+    return importlib.import_module(f"trl_recipes.{stage if stage in ('dpo', 'grpo') else 'sft'}")
+
+
 def test_every_recipe_parses_strictly():
-    """Every key of every recipe is a field of the SFT script's argument dataclasses (TrlParser's own check), and
+    """Every key of every recipe is a field of its script's argument dataclasses (TrlParser's own check), and
     every recipe parses into valid arguments. GPU recipes ask for bf16, which transformers refuses on a machine
     without a GPU, so on CPU they are parsed with bf16 turned off (everything else as written)."""
     import yaml
 
-    from trl_recipes.sft import make_parser, parse_args
-
     recipes = sorted(glob.glob(os.path.join(RECIPES, "**", "*.yaml"), recursive=True))
-    assert len(recipes) >= 10
-    methods = set()
+    assert len(recipes) >= 12
+    methods, stages = set(), set()
     for path in recipes:
-        config = yaml.safe_load(open(path))
-        unknown = make_parser().set_defaults_with_config(**config)
+        config, script = yaml.safe_load(open(path)), script_of(path)
+        unknown = script.make_parser().set_defaults_with_config(**config)
         assert unknown == [], f"{path}: unknown keys {unknown}"
         gpu_only = config.get("bf16") and not torch.cuda.is_available()
-        _, _, _, method_args = parse_args(["--config", path] + (["--bf16", "false"] if gpu_only else []))
-        methods.add(method_args.peft_method)
+        parsed = script.parse_args(["--config", path] + (["--bf16", "false"] if gpu_only else []))
+        name = script.__name__.rsplit(".", 1)[1]
+        if name == "sft":
+            methods.add(parsed[3].peft_method)
+        else:
+            stages.add(name)
         header = open(path).read().split("\n")[0:4]
-        assert header[0].startswith("# ") and any("trl_recipes.sft --config " + os.path.relpath(path, ROOT) in h
+        assert header[0].startswith("# ") and any(f"trl_recipes.{name} --config " + os.path.relpath(path, ROOT) in h
                                                   for h in header), f"{path}: no launch line in the header"
-    assert methods == {"lora", "pissa", "dora", "dude", "corda"}
+    assert methods == {"lora", "pissa", "dora", "dude", "corda"} and stages == {"dpo", "grpo"}
     smol = {os.path.relpath(p, SMOL).split(os.sep)[0] for p in recipes if p.startswith(SMOL)}
-    assert smol == methods
+    assert smol == methods | stages
 
 
 # warnings the libraries raise whatever a recipe says, each with why it is not ours to fix
@@ -169,14 +179,14 @@ def test_the_shipped_recipes_cause_no_warning(tiny_model_dir, tmp_path):
     libraries' own (UPSTREAM_WARNINGS)."""
     import warnings
 
-    from trl_recipes.sft import parse_args, run
+    from trl_recipes.sft import run
 
     fast = ["--model_name_or_path", tiny_model_dir, "--max_steps", "1", "--per_device_train_batch_size", "2",
             "--eval_examples", "0", "--calibration_samples", "16"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for recipe in sorted(glob.glob(os.path.join(SMOL, "*", "*.yaml"))):
-            parse_args(["--config", recipe, "--output_dir", str(tmp_path / "parsed")])
+            script_of(recipe).parse_args(["--config", recipe, "--output_dir", str(tmp_path / "parsed")])
         run([*fast, "--output_dir", str(tmp_path / "default")])
         run(["--config", os.path.join(SMOL, "corda", "config_kpm_cpu.yaml"), *fast, "--output_dir", str(tmp_path / "kpm")])
     ours = [f"{w.category.__name__}: {str(w.message)[:200]} ({w.filename}:{w.lineno})" for w in caught

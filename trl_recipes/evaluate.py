@@ -114,8 +114,9 @@ def _accepts_logits_to_keep(model) -> bool:
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], batch_size: int = 8,
-               desc: str = "scoring answers (NLL)") -> list[float]:
-    """Mean per-token NLL of each answer given its chat prompt, with a progress bar over the answers.
+               desc: str = "scoring answers (NLL)", total: bool = False) -> list[float]:
+    """Mean per-token NLL of each answer given its chat prompt (`total`: the sum over its tokens, −log p(answer)),
+    with a progress bar over the answers.
 
     Only the positions that predict answer tokens go through the output layer (`logits_to_keep`, for models that take
     it): on a 135M model with a 49k vocabulary the prompt's logits were a quarter of the cost."""
@@ -154,7 +155,8 @@ def answer_nll(model, tokenizer, prompts: list[list[dict]], answers: list[str], 
         nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                                 ignore_index=-100, reduction="none").view(tgt.shape)
         valid = tgt != -100
-        for k, value in zip(order[i : i + batch_size], (nll.sum(1) / valid.sum(1).clamp_min(1)).tolist()):
+        per_answer = nll.sum(1) if total else nll.sum(1) / valid.sum(1).clamp_min(1)
+        for k, value in zip(order[i : i + batch_size], per_answer.tolist()):
             scores[k] = value
     bar.close()
     return scores
@@ -297,7 +299,7 @@ class EvalModels:
                 yield self.after
 
 
-def _adapter_to_load(adapter: str) -> tuple[str, bool]:
+def adapter_to_load(adapter: str) -> tuple[str, bool]:
     """(directory to load, is a peft_ext adapter): a PiSSA adapter, or one of peft's CorDA, through its converted
     plain adapter beside it."""
     config_file = os.path.join(adapter, "adapter_config.json")
@@ -336,7 +338,7 @@ def load_for_eval(base_path: str, adapter: Optional[str] = None, merged: Optiona
     base_path = resolve_model_path(base_path)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if adapter:
-        path, is_peft_ext = _adapter_to_load(adapter)  # checked before the model is loaded
+        path, is_peft_ext = adapter_to_load(adapter)  # checked before the model is loaded
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
         after = peft_ext.load_adapter(base, path) if is_peft_ext else PeftModel.from_pretrained(base, path)
         return EvalModels(None, after, tokenizer)

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import Callable
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 DEFAULT_RECIPE = os.path.join(RECIPES_DIR, "SmolLM2-135M-Instruct", "dude", "config_cpu.yaml")
@@ -55,3 +57,42 @@ def recipe_relative_flags(recipe: str, argv: list[str]) -> list[str]:
         if isinstance(value, str) and value.startswith(("./", "../")) and not _given(argv, key):
             flags += [f"--{key}", os.path.normpath(os.path.join(folder, value))]
     return flags
+
+
+def parse_recipe(parser, argv: list[str], default_recipe: str):
+    """The parsed argument dataclasses of a recipe script (TRL's `parse_args_and_config`): `--config` (default
+    `default_recipe`) read, its recipe-relative paths resolved, unknown keys refused; a RecipeError with one line.
+    Under a DeepSpeed launch on CPUs the gloo group is started first and kept by accelerate."""
+    import json
+
+    from .distributed import init_distributed_on_cpu
+
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    if init_distributed_on_cpu():
+        argv += ["--accelerator_config", json.dumps({"use_configured_state": True})]
+    if "--config" not in argv:
+        argv = ["--config", default_recipe, *argv]
+    at = argv.index("--config") + 1
+    if at == len(argv):
+        raise RecipeError("--config needs a recipe file. Fix: --config trl_recipes/recipes/<model>/<method>/<x>.yaml.")
+    argv[at] = config_path = resolve_recipe(argv[at])
+    argv += recipe_relative_flags(config_path, argv)
+    try:
+        return parser.parse_args_and_config(argv, fail_with_unknown_args=True)
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "Unknown arguments from config file" in msg:
+            msg = f"recipe '{config_path}' has unknown keys: {msg.split(':', 1)[1].strip()}"
+        raise RecipeError(msg) from exc
+
+
+def run_cli(main: Callable, parse_args: Callable, argv=None) -> int:
+    """A recipe script's console entry: exit status 2 with one line for bad input (a RecipeError or DataError)."""
+    from .dataset import DataError
+
+    try:
+        main(*parse_args(argv))
+    except (RecipeError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -19,18 +19,17 @@ print the comparison. `metrics.json` is written last: its presence marks a finis
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 from .args import PeftMethodArguments, get_peft_config
 from .calibration import calibrate_corda, initialize_eva
-from .dataset import DataError, load_datasets
-from .distributed import end_processes, init_distributed_on_cpu
+from .dataset import load_datasets
+from .distributed import end_processes
 from .models import load_model
 from .outputs import RunResult, finish_run
 from .quantized import check_quantization, float_weights_path
-from .recipe import DEFAULT_RECIPE, RecipeError, recipe_relative_flags, resolve_recipe
+from .recipe import DEFAULT_RECIPE, parse_recipe, run_cli
 from .trainer import build_trainer, check_frozen_A, fit_to_device, init_factor_norms
 
 
@@ -49,24 +48,7 @@ def make_parser(subparsers=None):
 def parse_args(argv=None):
     """(script_args, training_args, model_args, method_args) from the command line and the recipe (`--config`,
     default: the DuDe CPU recipe); a RecipeError with one line for bad input."""
-    argv = [part for a in (sys.argv[1:] if argv is None else argv)
-            for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
-    if init_distributed_on_cpu():
-        argv += ["--accelerator_config", json.dumps({"use_configured_state": True})]
-    if "--config" not in argv:
-        argv = ["--config", DEFAULT_RECIPE, *argv]
-    at = argv.index("--config") + 1
-    if at == len(argv):
-        raise RecipeError("--config needs a recipe file. Fix: --config trl_recipes/recipes/<model>/<method>/<x>.yaml.")
-    argv[at] = config_path = resolve_recipe(argv[at])
-    argv += recipe_relative_flags(config_path, argv)
-    try:
-        return make_parser().parse_args_and_config(argv, fail_with_unknown_args=True)
-    except ValueError as exc:
-        msg = str(exc).splitlines()[0]
-        if "Unknown arguments from config file" in msg:
-            msg = f"recipe '{config_path}' has unknown keys: {msg.split(':', 1)[1].strip()}"
-        raise RecipeError(msg) from exc
+    return parse_recipe(make_parser(), sys.argv[1:] if argv is None else argv, DEFAULT_RECIPE)
 
 
 def main(script_args, training_args, model_args, method_args) -> dict:
@@ -127,12 +109,7 @@ def run(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """The console entry (`peft-ext-sft`, `python -m trl_recipes.sft`): exit status 2 with one line for bad input."""
-    try:
-        run(argv)
-    except (RecipeError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(main, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,14 @@ KNOWLEDGE_EVAL_FILE = os.path.join(DATA_DIR, "efficientqa_knowledge_eval.jsonl")
 # KNOWLEDGE_EVAL_FILE, which benchmarks now use as their validation split; they report on these.
 FINAL_TEST_FILE = os.path.join(DATA_DIR, "test_final.jsonl")
 KNOWLEDGE_FINAL_FILE = os.path.join(DATA_DIR, "efficientqa_knowledge_final.jsonl")
+# the second stage after SFT (make_preference_data.py): problems after the 720 above, disjoint from all of them
+PREFERENCE_TRAIN_FILE = os.path.join(DATA_DIR, "preferences_train.jsonl")  # DPO pairs: worked answer vs. a slip
+PREFERENCE_EVAL_FILE = os.path.join(DATA_DIR, "preferences_eval.jsonl")  # held-out pairs
+GRPO_TRAIN_FILE = os.path.join(DATA_DIR, "grpo_train.jsonl")  # prompts with their reference answer
+GRPO_EVAL_FILE = os.path.join(DATA_DIR, "grpo_eval.jsonl")  # held-out prompts
 
 # each file's role, read by the tests' checks of provenance and overlap
 CALIBRATION_FILES = (KPM_CALIBRATION_FILE, TRAIN_FILE)  # KPM's, and IPM's (the training conversations)
 KNOWLEDGE_EVAL_FILES = (KNOWLEDGE_EVAL_FILE, KNOWLEDGE_FINAL_FILE)
 TASK_EVAL_FILES = (TEST_FILE, FINAL_TEST_FILE)
+SECOND_STAGE_FILES = (PREFERENCE_TRAIN_FILE, PREFERENCE_EVAL_FILE, GRPO_TRAIN_FILE, GRPO_EVAL_FILE)
