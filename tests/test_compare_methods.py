@@ -119,6 +119,7 @@ def test_the_grid_s_own_choice_is_replayed_from_a_refined_sweep():
     assert coarse_choice(edge, grid, extensions=0) == 1.6e-3
 
 
+@pytest.mark.slow  # 390 s: run with `pytest -m slow` when benchmarks/compare_methods.py changes
 def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, benchmark_data_dir, tmp_path):
     """Sweep with an edge extension and a refinement, seeds, evaluations, resume from the cache, report, JSON and
     plots."""
@@ -181,6 +182,7 @@ def test_driver_end_to_end_on_a_tiny_model(tiny_model_dir, benchmark_data_dir, t
     assert json.load(open(f"{out}.json"))["results"] == data["results"]
 
 
+@pytest.mark.slow  # 175 s: run with `pytest -m slow` when benchmarks/recipe_forgetting.py changes
 def test_recipe_forgetting_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     """The shipped recipes with 2 steps on a tiny model, 2 seeds: runs, evaluations, report, verdict, reuse."""
     fast = "--max_steps 2 --per_device_train_batch_size 2 --eval_examples 2 --eval_max_new_tokens 4"

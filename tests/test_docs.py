@@ -65,7 +65,8 @@ def test_the_readme_is_a_front_door():
     lines = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
     assert len(lines) <= 250
     assert lines[3].startswith("# 1. set up and run the main job") and lines[4].endswith("python -m trl_recipes.sft")
-    assert lines[5].startswith("# 2. set up and run the tests") and lines[6].endswith("python -m pytest -q -n 2")
+    assert lines[5].startswith("# 2. set up and run the tests")
+    assert lines[6].endswith('python -m pytest -q -n 2 -m "not slow"')
     sections = [line for line in lines if line.startswith("## ")]
     assert sections == ["## What it is", "## Quickstart", "## Fine-tuning with TRL",
                         "## DeepSpeed, several nodes, quantized bases, serving", "## Read more"]
