@@ -356,3 +356,33 @@ def test_complete_runs_keep_an_arm_run_on_more_seeds_and_drop_gaps():
     complete = complete_runs(every, 3)
     assert {k: len(v) for k, v in complete.items()} == {("A", 1e-3): 5, ("B", 1e-3): 3}  # C has a gap, D too few
     assert [r["task_nll"] for r in complete[("A", 1e-3)]] == [1.0, 2.0, 3.0, 4.0, 5.0]  # ordered by seed
+
+
+@pytest.mark.slow  # about 5 min: run with `pytest -m slow` when benchmarks/second_stage.py changes
+def test_second_stage_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """SFT runs trained (none to reuse), DPO and GRPO from each at each seed, the base evaluated, the report with
+    the plan's verdicts; a second invocation trains nothing."""
+    work, out = tmp_path / "work", tmp_path / "results" / "second_stage"
+    cmd = [sys.executable, "-m", "benchmarks.second_stage", "--model", tiny_model_dir, "--arms", "LoRA,CorDA-KPM",
+           "--seeds", "2", "--workers", "1", "--work_dir", str(work), "--sft_runs", str(tmp_path / "none"),
+           "--out", str(out), "--knowledge_examples", "4",
+           "--sft_flags", "--max_steps 2 --per_device_train_batch_size 2 --eval_examples 0 --calibration_samples 16",
+           "--stage_flags", "--max_steps 1 --per_device_train_batch_size 2 --eval_examples 2 --eval_max_new_tokens 4",
+           "--grpo_flags", "--num_generations 2 --max_completion_length 8 --eval_reward_tokens 8",
+           "--base_flags", "--task_max_new_tokens 4"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.load(open(f"{out}.json"))
+    assert set(data["results"]) == {"dpo", "grpo"}
+    for stage, by_arm in data["results"].items():
+        assert set(by_arm) == {"LoRA", "CorDA-KPM"}
+        assert all([r["seed"] for r in runs] == [42, 43] and all(r["stage"] == stage for r in runs)
+                   for runs in by_arm.values())
+    kpm = data["results"]["dpo"]["CorDA-KPM"][0]
+    assert kpm["learning_rate"] == pytest.approx(1.6e-4) and kpm["after"]["knowledge"]["n"] == 4
+    report = open(f"{out}.md").read()
+    assert "CorDA-KPM's knowledge change after dpo is lower than LoRA's" in report and "## GRPO" in report
+    mtimes = {p: os.path.getmtime(p) for p in work.glob("*/*/metrics.json")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0 and mtimes and all(os.path.getmtime(p) == t for p, t in mtimes.items())
