@@ -121,10 +121,10 @@ def test_train_lora_A_false_under_zero3_only_where_the_config_carries_it():
 def test_default_run_on_smollm2_few_steps(tmp_path):
     """The README's main job, shortened: no recipe given, the packaged SmolLM2 with DuDe on the shipped data."""
     out = tmp_path / "default"
-    proc = run_cli("--max_steps", "3", "--eval_examples", "2", "--eval_max_new_tokens", "24", "--logging_steps", "1",
-                   "--output_dir", str(out))
+    proc = run_cli("--max_steps", "2", "--per_device_train_batch_size", "2", "--eval_examples", "2",
+                   "--eval_max_new_tokens", "12", "--logging_steps", "1", "--output_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = check_finished_run(out, "dude", steps=3)
+    metrics = check_finished_run(out, "dude", steps=2)
     assert metrics["model"].endswith("SmolLM2-135M-Instruct")
     assert metrics["dataset"].endswith(os.path.join("trl_recipes", "data", "train.jsonl"))
     assert "held-out exact match" in proc.stdout and "loss curve" in proc.stdout

@@ -19,7 +19,25 @@ from .helpers import FAST, SMOL, assert_adapter_and_export_agree
 
 SFT_RECIPES = {"dude": "dude/config_cpu.yaml", "corda": "corda/config_kpm_cpu.yaml", "lora": "lora/config_cpu.yaml"}
 STAGE = ["--max_steps", "2", "--logging_steps", "1", "--eval_examples", "2", "--eval_max_new_tokens", "6",
-         "--num_knowledge", "4"]
+         "--num_knowledge", "4", "--learning_rate", "1e-2", "--warmup_steps", "0"]  # 2 steps that move the policy
+HELD_OUT = 6  # held-out pairs, prompts and task problems the tests evaluate on (the packaged files' first ones)
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory) -> dict[str, list[str]]:
+    """Per stage, the flags pointing its evaluation at the first HELD_OUT records of the packaged held-out files."""
+    from trl_recipes.data import TEST_FILE
+
+    folder = tmp_path_factory.mktemp("held-out")
+
+    def first(path) -> str:
+        small = folder / os.path.basename(path)
+        small.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(path)[:HELD_OUT]))
+        return str(small)
+
+    task = ["--task_eval_data", first(TEST_FILE)]
+    return {"dpo": ["--eval_pairs", first(PREFERENCE_EVAL_FILE), *task],
+            "grpo": ["--eval_prompts", first(GRPO_EVAL_FILE), *task]}
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +59,16 @@ def _lora_A(adapter_dir) -> dict:
 
 
 @pytest.mark.parametrize("method", ["dude", "corda", "lora"])
-def test_dpo_continues_each_sft_adapter(method, sft_runs, tiny_model_dir, tmp_path):
+def test_dpo_continues_each_sft_adapter(method, sft_runs, small_eval, tiny_model_dir, tmp_path):
     from trl_recipes.dpo import parse_args, main
 
     out = tmp_path / "dpo"
     metrics = main(*parse_args(["--model_name_or_path", tiny_model_dir, "--sft_adapter", sft_runs[method],
-                                "--output_dir", str(out), "--per_device_train_batch_size", "2", *STAGE]))
+                                "--output_dir", str(out), "--per_device_train_batch_size", "2", *STAGE,
+                                *small_eval["dpo"]]))
     assert metrics["method"] == method and metrics["global_steps"] == 2
     before, after = metrics["before"]["preference"], metrics["after"]["preference"]
-    assert before["pairs"] == after["pairs"] == 60 and "reward_margin" not in before  # no reference before training
+    assert before["pairs"] == after["pairs"] == HELD_OUT and "reward_margin" not in before  # no reference before training
     assert 0 <= after["reward_accuracy"] <= 1 and after["reward_margin"] != 0.0  # the policy moved from the reference
     assert {"task", "knowledge"} <= set(metrics["before"]) and metrics["after"]["knowledge"]["n"] == 4
     assert (out / "loss_curve.png").is_file() and json.loads((out / "metrics.json").read_text())["stage"] == "dpo"
@@ -64,17 +83,18 @@ def test_dpo_continues_each_sft_adapter(method, sft_runs, tiny_model_dir, tmp_pa
 
 
 @pytest.mark.parametrize("method", ["dude", "corda"])
-def test_grpo_continues_an_sft_adapter_with_a_verifiable_reward(method, sft_runs, tiny_model_dir, tmp_path):
+def test_grpo_continues_an_sft_adapter_with_a_verifiable_reward(method, sft_runs, small_eval, tiny_model_dir,
+                                                                tmp_path):
     from trl_recipes.grpo import parse_args, main
 
     out = tmp_path / "grpo"
     metrics = main(*parse_args(["--model_name_or_path", tiny_model_dir, "--sft_adapter", sft_runs[method],
                                 "--output_dir", str(out), "--max_completion_length", "8",
-                                "--eval_reward_tokens", "8", *STAGE]))
+                                "--eval_reward_tokens", "8", *STAGE, *small_eval["grpo"]]))
     assert metrics["method"] == method and metrics["global_steps"] == 2
     for side in ("before", "after"):
         reward = metrics[side]["reward"]
-        assert reward["prompts"] == 60 and 0 <= reward["mean_reward"] <= 1.2
+        assert reward["prompts"] == HELD_OUT and 0 <= reward["mean_reward"] <= 1.2
     assert (out / "metrics.json").is_file() and not (out / "adapter" / "ref").exists()
     assert_adapter_and_export_agree(tiny_model_dir, out)
 
