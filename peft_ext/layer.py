@@ -139,7 +139,7 @@ class ResidualInitMixin:
                     f"peft_ext {method}: layer '{name}' has NaN or Inf in its base weight; it cannot be decomposed. "
                     f"Fix: check the checkpoint, or leave this layer out of target_modules."
                 )
-            scaling = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+            scaling = adapter_scaling(config, r, lora_alpha)
             fingerprint = weight_fingerprint(W)
             check_stored_base(config, name, fingerprint)
             deferred = shards_decomposition(config, name)
@@ -164,7 +164,7 @@ class ResidualInitMixin:
         factors (A0, B0), which is what a fresh decomposition of the same weight gives for the same method, rank and
         scaling. TRL's DPO and GRPO create such a copy ('ref') of a trained adapter as their reference model."""
         (source_name, source), method = next(iter(self.residual_init_states().items())), config.peft_ext_method
-        scaling = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        scaling = adapter_scaling(config, r, lora_alpha)
         same = (source.applied is not None and source.method == method and source.applied[0].shape[0] == r
                 and abs(source.scaling - scaling) <= 1e-12 * abs(scaling))
         stored = (config.peft_ext_runtime.stored_init or {}).get(name)
@@ -354,11 +354,7 @@ class ResidualInitMixin:
         """Write the original weight back (W_res + s·B0·A0) and forget the adapter's residual-init state; while a twin
         still uses the residual, only forget the state (the twin then owns the residual)."""
         state = self.residual_init_states().pop(adapter_name, None)
-        if state is not None and state.applied is not None and self.residual_init_states():
-            for twin in self.residual_init_states().values():
-                twin.twin_of = None if twin.twin_of == adapter_name else twin.twin_of
-            return
-        if state is not None and state.applied is not None:
+        if state is not None and state.applied is not None and not self.residual_init_states():
             rebase_residual_(self.get_base_layer(), state.applied, None, state.scaling, self.fan_in_fan_out,
                              float_source=state.float_source, method=state.method)
 
@@ -448,6 +444,11 @@ class PeftExtLinear(ResidualInitMixin, LoraLinear):
         is_conv1d = isinstance(base_of(base_layer), Conv1D)
         config.fan_in_fan_out = is_conv1d
         super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=is_conv1d, **kwargs)
+
+
+def adapter_scaling(config, r: int, lora_alpha: float) -> float:
+    """peft's LoRA scaling of an adapter of rank r: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+    return lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
 
 
 def base_mismatch_message(name: str, source: str) -> str:
