@@ -202,6 +202,19 @@ class Slots:
                 self.cond.notify_all()
 
 
+def run_in_slot(module_args: list[str], slots: Slots, workers: int, what: str) -> None:
+    """`python -m MODULE ARGS` in a fresh process once a slot is free, with this machine's cores shared among the
+    `workers` slots (one thread each on 2 cores); a RuntimeError with the end of its stderr if it fails."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // workers))}
+    t = time.time()
+    with slots(0):
+        proc = subprocess.run([sys.executable, "-m", *module_args], capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {what} failed:\n{proc.stderr[-3000:]}")
+    print(f"  {what}: done in {time.time() - t:.0f} s", flush=True)
+
+
 def parallel(fn, items) -> list:
     """fn over items in threads (each run still waits for a slot); errors are raised together after all finished."""
     results, errors = [None] * len(items), []

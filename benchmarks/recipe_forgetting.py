@@ -32,14 +32,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
 from peft_ext import read_jsonl
 
 from benchmarks.common import (ROOT, SMOL, Slots, add_data_dir_argument, data_file, fmt, machine, markdown_table,
-                               mean_std, paired, parallel, stamp, write_jsonl, write_report)
+                               mean_std, paired, parallel, run_in_slot, stamp, write_jsonl, write_report)
 from benchmarks.verdicts import (comparable_gain, curve_verdicts, equal_gain_rows, equal_gain_table,
                                  gain_and_forgetting, kpm_claim, lora_rates, sign_verdict)
 
@@ -228,16 +227,8 @@ def run_job(args, slots: Slots, name: str) -> dict:
         out = run_dir(args.work_dir, arm, int(seed))
     result_file = os.path.join(out or args.work_dir, RESULT_FILE)
     if not os.path.isfile(result_file):
-        cmd = [sys.executable, "-m", "benchmarks.recipe_forgetting", "--job", name, "--work_dir", args.work_dir,
-               "--arms", args.arms, *(["--model", args.model] if args.model else [])]
-        env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.workers))}
-        t = time.time()
-        with slots(0):
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"run {name} failed:\n{proc.stderr[-3000:]}")
-        print(f"  {name}: done in {time.time() - t:.0f} s", flush=True)
+        run_in_slot(["benchmarks.recipe_forgetting", "--job", name, "--work_dir", args.work_dir, "--arms", args.arms,
+                     *(["--model", args.model] if args.model else [])], slots, args.workers, name)
     result = json.load(open(result_file))
     if out is not None:
         metrics = json.load(open(os.path.join(out, "metrics.json")))

@@ -24,12 +24,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
-from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel, stamp,
-                               write_report)
+from benchmarks.common import (ROOT, SMOL, Slots, fmt, machine, markdown_table, mean_std, paired, parallel,
+                               run_in_slot, stamp, write_report)
 from benchmarks.verdicts import sign_verdict
 
 # arm -> (SFT recipe, its rate): the stage rate is a tenth of it
@@ -59,17 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run(cmd: list[str], slots: Slots, workers: int, what: str) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // workers))}
-    t = time.time()
-    with slots(0):
-        proc = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
-    print(f"  {what}: done in {time.time() - t:.0f} s", flush=True)
-
-
 def sft_dir(args, arm: str, seed: int) -> str:
     """The SFT run of `arm` at `seed`: the reusable one if it finished, else this benchmark's own."""
     reused = os.path.join(args.sft_runs, f"{arm}_s{seed}")
@@ -81,9 +69,9 @@ def sft_dir(args, arm: str, seed: int) -> str:
 def sft_job(args, slots, arm: str, seed: int) -> str:
     out = sft_dir(args, arm, seed)
     if not os.path.isfile(os.path.join(out, "metrics.json")):
-        run(["trl_recipes.sft", "--config", os.path.join(SMOL, ARMS[arm][0]), "--seed", str(seed), "--output_dir",
-             out, *(["--model_name_or_path", args.model] if args.model else []), *shlex.split(args.sft_flags)],
-            slots, args.workers, f"SFT {arm},{seed}")
+        run_in_slot(["trl_recipes.sft", "--config", os.path.join(SMOL, ARMS[arm][0]), "--seed", str(seed),
+                     "--output_dir", out, *(["--model_name_or_path", args.model] if args.model else []),
+                     *shlex.split(args.sft_flags)], slots, args.workers, f"SFT {arm},{seed}")
     return out
 
 
@@ -92,12 +80,12 @@ def stage_job(args, slots, stage: str, arm: str, seed: int) -> dict:
 
     out = os.path.join(args.work_dir, stage, f"{arm}_s{seed}")
     if not os.path.isfile(os.path.join(out, "metrics.json")):
-        run([f"trl_recipes.{stage}", "--sft_adapter", sft_dir(args, arm, seed), "--seed", str(seed),
-             "--learning_rate", f"{ARMS[arm][1] / 10:g}", "--output_dir", out, "--task_eval_data", FINAL_TEST_FILE,
-             "--knowledge_eval_data", KNOWLEDGE_FINAL_FILE, "--num_knowledge", str(args.knowledge_examples),
-             *(["--model_name_or_path", args.model] if args.model else []), *shlex.split(args.stage_flags),
-             *shlex.split(args.grpo_flags if stage == "grpo" else "")],
-            slots, args.workers, f"{stage} {arm},{seed}")
+        run_in_slot([f"trl_recipes.{stage}", "--sft_adapter", sft_dir(args, arm, seed), "--seed", str(seed),
+                     "--learning_rate", f"{ARMS[arm][1] / 10:g}", "--output_dir", out, "--task_eval_data",
+                     FINAL_TEST_FILE, "--knowledge_eval_data", KNOWLEDGE_FINAL_FILE, "--num_knowledge",
+                     str(args.knowledge_examples), *(["--model_name_or_path", args.model] if args.model else []),
+                     *shlex.split(args.stage_flags), *shlex.split(args.grpo_flags if stage == "grpo" else "")],
+                    slots, args.workers, f"{stage} {arm},{seed}")
     with open(os.path.join(out, "metrics.json")) as f:
         return json.load(f)
 
@@ -108,10 +96,10 @@ def base_job(args, slots) -> dict:
 
     out = os.path.join(args.work_dir, "base")
     if not os.path.isfile(os.path.join(out, "eval.json")):
-        run(["trl_recipes.evaluate", "--task_data", FINAL_TEST_FILE, "--knowledge_data", KNOWLEDGE_FINAL_FILE,
-             "--num_knowledge", str(args.knowledge_examples), "--output_dir", out,
-             *(["--model", args.model] if args.model else []), *shlex.split(args.base_flags)], slots, args.workers,
-            "base")
+        run_in_slot(["trl_recipes.evaluate", "--task_data", FINAL_TEST_FILE, "--knowledge_data",
+                     KNOWLEDGE_FINAL_FILE, "--num_knowledge", str(args.knowledge_examples), "--output_dir", out,
+                     *(["--model", args.model] if args.model else []), *shlex.split(args.base_flags)],
+                    slots, args.workers, "base")
     with open(os.path.join(out, "eval.json")) as f:
         return json.load(f)["before"]
 

@@ -65,9 +65,8 @@ def preference_metrics(logps, beta: float, reference=None) -> dict:
 
 def load_pairs(script_args, args) -> tuple:
     """(training pairs as a Dataset, held-out pairs as records), checked before the model is loaded."""
-    from peft_ext import read_jsonl
-
     from .dataset import load_split
+    from .evaluate import read_records
 
     name = script_args.dataset_name or PREFERENCE_TRAIN_FILE
     train = load_split(name, script_args.dataset_train_split, script_args.dataset_config)
@@ -75,11 +74,7 @@ def load_pairs(script_args, args) -> tuple:
     if missing:
         raise DataError(f"dataset '{name}' lacks the preference columns {sorted(missing)} (it has "
                         f"{train.column_names}). Fix: prompt/chosen/rejected records, as TRL's DPOTrainer takes.")
-    try:
-        held_out = read_jsonl(args.eval_pairs, what="--eval_pairs file")
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(str(exc)) from None
-    return train, held_out
+    return train, read_records(args.eval_pairs)
 
 
 def pair_metrics(policy, tokenizer, held_out, before, beta: float) -> dict:

@@ -377,13 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def read_part(name: Optional[str], n: Optional[int] = None, split: str = "train",
+              config: Optional[str] = None) -> Optional[list[dict]]:
+    """`read_records` for one part of an evaluation; None for a part given as 'none' (or not at all)."""
+    return None if not name or name.lower() == "none" else read_records(name, n, split, config)
+
+
 def load_eval_data(args) -> tuple[Optional[list[dict]], Optional[list[dict]]]:
     """(task records, knowledge records); None for a part given as 'none'."""
-    def part(name, n, split, config):
-        return None if not name or name.lower() == "none" else read_records(name, n, split, config)
-
-    task = part(args.task_data, args.num_task, args.task_split, args.task_config)
-    knowledge = part(args.knowledge_data, args.num_knowledge, args.knowledge_split, args.knowledge_config)
+    task = read_part(args.task_data, args.num_task, args.task_split, args.task_config)
+    knowledge = read_part(args.knowledge_data, args.num_knowledge, args.knowledge_split, args.knowledge_config)
     if task is None and knowledge is None:
         raise DataError("--task_data and --knowledge_data are both 'none': nothing to evaluate.")
     return task, knowledge

@@ -72,18 +72,13 @@ def reward_metrics(model, tokenizer, records: list[dict], max_new_tokens: int) -
 def load_prompts(script_args, args) -> tuple:
     from datasets import Dataset
 
-    from peft_ext import read_jsonl
-
     from .dataset import load_split
+    from .evaluate import read_records
 
     name = script_args.dataset_name or GRPO_TRAIN_FILE
     split = load_split(name, script_args.dataset_train_split, script_args.dataset_config)
     train = Dataset.from_list(as_prompts(split[i] for i in range(len(split))))
-    try:
-        held_out = as_prompts(read_jsonl(args.eval_prompts, what="--eval_prompts file"))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(str(exc)) from None
-    return train, held_out
+    return train, as_prompts(read_records(args.eval_prompts))
 
 
 def main(script_args, training_args, model_args, args) -> dict:

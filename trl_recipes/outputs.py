@@ -131,12 +131,17 @@ def metrics_of(r: RunResult, history: list, examples: list[dict]) -> dict:
     }
 
 
+def loss_history(trainer) -> list[tuple[int, float]]:
+    """(step, training loss) of every logged step of a finished Trainer."""
+    return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+
 def finish_run(r: RunResult) -> dict:
     """Main process: export (and merged model), loss curve, metrics.json (last) and the printed summary."""
     export_plain(r)
     if r.method_args.save_merged:
         save_merged(r)
-    history = [(h["step"], h["loss"]) for h in r.trainer.state.log_history if "loss" in h]
+    history = loss_history(r.trainer)
     plots.plot_loss(history, os.path.join(r.out_dir, "loss_curve.png"),
                     f"{r.method_args.peft_method} on {os.path.basename(r.model_path.rstrip('/'))}")
     examples = held_out_examples(r)

@@ -84,12 +84,9 @@ def load_policy(model_args, stage_args, state):
 
 def eval_records(stage_args) -> tuple[Optional[list], Optional[list]]:
     """(task records, knowledge records) of the evaluation; None for a part given as 'none'."""
-    from .evaluate import read_records
+    from .evaluate import read_part
 
-    def part(name, n=None):
-        return None if not name or name.lower() == "none" else read_records(name, n)
-
-    return part(stage_args.task_eval_data), part(stage_args.knowledge_eval_data, stage_args.num_knowledge)
+    return read_part(stage_args.task_eval_data), read_part(stage_args.knowledge_eval_data, stage_args.num_knowledge)
 
 
 def task_and_knowledge(model, tokenizer, stage_args, records) -> dict:
@@ -122,8 +119,9 @@ def save_stage(trainer, out_dir: str, stage_args, main_process: bool) -> dict:
 def write_run(out_dir: str, trainer, title: str, metrics: dict) -> dict:
     """loss_curve.png, then metrics.json (last: its presence marks a finished run), with the loss history."""
     from . import plots
+    from .outputs import loss_history
 
-    history = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    history = loss_history(trainer)
     plots.plot_loss(history, os.path.join(out_dir, "loss_curve.png"), title)
     metrics = {**metrics, "global_steps": trainer.state.global_step, "loss_history": history,
                "final_loss": history[-1][1] if history else None}
